@@ -1,0 +1,53 @@
+"""Every error visual-memory raises on purpose derives from `VisualMemoryError`.
+
+Each names the offending file, value or record and, where there is one, what to
+do next. Raising one of these from a mutation guarantees the memory is exactly
+as it was before the call.
+"""
+
+
+class VisualMemoryError(Exception):
+    """Base class: catch this to handle any error visual-memory raises on purpose."""
+
+
+class ImageError(VisualMemoryError, ValueError):
+    """An image could not be decoded or failed validation (names the source)."""
+
+
+class EncoderError(VisualMemoryError):
+    """An encoder name is unknown, or its weights cannot be found or loaded."""
+
+
+class EncoderMismatchError(VisualMemoryError):
+    """Vectors or a memory come from a different encoder than expected."""
+
+
+class VectorError(VisualMemoryError, ValueError):
+    """Embeddings have the wrong shape or dtype, or hold NaN/inf/zero vectors."""
+
+
+class NotAMemoryError(VisualMemoryError, FileNotFoundError):
+    """A path is not a visual-memory directory."""
+
+
+class MemoryExistsError(VisualMemoryError, FileExistsError):
+    """`create` was asked to create a memory where one already exists."""
+
+
+class DuplicateIdError(VisualMemoryError, ValueError):
+    """Records with these ids already exist (or an input repeats an id)."""
+
+
+class UnknownIdError(VisualMemoryError, KeyError):
+    """No record has this id."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable.
+        return str(self.args[0]) if self.args else ""
+
+
+class MemoryLockedError(VisualMemoryError):
+    """Another writer holds the memory's write lock."""
+
+
+class SelectorError(VisualMemoryError, ValueError):
+    """A record selector is empty, malformed, or matches nothing it should."""
