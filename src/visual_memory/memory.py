@@ -23,13 +23,14 @@ from .errors import (
     DuplicateIdError,
     EncoderMismatchError,
     ImageError,
+    UnknownIdError,
     VectorError,
     VisualMemoryError,
 )
 from .images import ImageLike, as_list, load_image, scan_folder
 from .index import VectorIndex, as_queries
 from .results import AddResult, EvalResult, Prediction
-from .store import Store, now_utc, record_schema, vectors_from_column
+from .store import Store, now_utc, record_schema, sql_in, sql_quote, vectors_from_column
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +194,59 @@ class Memory:
     def ids(self) -> list[str]:
         alive = self._index._alive
         return [i for i, a in zip(self._ids, alive) if a]
+
+    RECORD_COLUMNS = ("id", "label", "source", "weight", "added_at", "metadata")
+
+    def get(self, ids: Sequence[str], *, columns: Sequence[str] = RECORD_COLUMNS) -> list[dict]:
+        """Records by id, in the order asked.
+
+        Raises
+        ------
+        UnknownIdError
+            Listing the ids that are not in the memory (nothing else is read).
+        """
+        ids = [ids] if isinstance(ids, str) else list(ids)
+        missing = [i for i in ids if i not in self]
+        if missing:
+            raise UnknownIdError(f"{len(missing)} unknown id(s): {missing[:5]}")
+        if not ids:
+            return []
+        cols = list(dict.fromkeys(["id", *columns]))
+        rows = {r["id"]: r for r in self._read(cols, sql_in("id", ids))}
+        return [self._decode_record(rows[i], columns) for i in ids]
+
+    def records(
+        self,
+        *,
+        label: Optional[str] = None,
+        where: Optional[str] = None,
+        offset: int = 0,
+        limit: Optional[int] = 100,
+        columns: Sequence[str] = RECORD_COLUMNS,
+    ) -> list[dict]:
+        """Browse records (optionally one label, or a Lance SQL ``where`` filter), paged.
+
+        Returns a list of dicts with ``columns``; ``metadata`` is decoded from JSON,
+        ``vector`` (if asked) is a float32 array.
+        """
+        if offset < 0 or (limit is not None and limit < 0):
+            raise ValueError("offset and limit must be >= 0")
+        filters = [f for f in (f"label = {sql_quote(label)}" if label is not None else None, where) if f]
+        flt = " AND ".join(f"({f})" for f in filters) or None
+        table = self._store.dataset.to_table(columns=list(columns), filter=flt, offset=offset, limit=limit)
+        return [self._decode_record(r, columns) for r in table.to_pylist()]
+
+    def _read(self, columns: list[str], where: str) -> list[dict]:
+        return self._store.dataset.to_table(columns=columns, filter=where).to_pylist()
+
+    @staticmethod
+    def _decode_record(row: dict, columns: Sequence[str]) -> dict:
+        out = {c: row.get(c) for c in columns}
+        if "metadata" in out and out["metadata"] is not None:
+            out["metadata"] = json.loads(out["metadata"])
+        if "vector" in out and out["vector"] is not None:
+            out["vector"] = np.asarray(out["vector"], dtype=np.float32)
+        return out
 
     def info(self) -> dict[str, Any]:
         """Summary: count, labels with counts, encoder, dim, version, size on disk."""

@@ -342,6 +342,16 @@ class Store:
         return set(ds.to_table(columns=["id"]).column("id").to_pylist())
 
 
+def sql_quote(value: str) -> str:
+    """A Lance SQL string literal (single quotes doubled)."""
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+def sql_in(column: str, values) -> str:
+    """``column IN ('a', 'b', ...)`` with every value quoted."""
+    return f"{column} IN ({', '.join(sql_quote(v) for v in values)})"
+
+
 def vectors_from_column(col: pa.ChunkedArray | pa.Array, dim: int) -> np.ndarray:
     """Fixed-size-list column -> contiguous float32 array of shape (n, dim)."""
     if isinstance(col, pa.ChunkedArray):
