@@ -77,9 +77,17 @@ def embed_paths(encoder: Encoder, paths: Sequence[Path], *, progress: bool | str
         out[found] = cached
     missing = np.flatnonzero(~found)
     if len(missing):
-        fresh = encoder.embed([paths[i] for i in missing], progress=progress)
-        out[missing] = fresh
-        cache.put([keys[i] for i in missing], fresh)
+        from .progress import progress_bar
+
+        # Saved chunk by chunk, so an interrupted run keeps what it embedded.
+        chunk = 2048
+        with progress_bar(progress, total=len(missing), unit="img") as bar:
+            for start in range(0, len(missing), chunk):
+                sel = missing[start : start + chunk]
+                fresh = encoder.embed([paths[i] for i in sel])
+                out[sel] = fresh
+                cache.put([keys[i] for i in sel], fresh)
+                bar.advance(len(sel))
     return out
 
 

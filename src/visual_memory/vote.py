@@ -22,6 +22,8 @@ highest (is nearest), so votes are deterministic.
 >>> winners.tolist(), totals.tolist()
 ([1], [[1.0, 2.0]])
 >>> tally(codes, neighbor_weights(sims, "rank"), n_labels=2)[0].tolist()  # 1/2 vs 1/3 + 1/4
+[1]
+>>> tally(codes, neighbor_weights(sims, "softmax"), n_labels=2)[0].tolist()  # 1 vs e^(-0.1/0.07) + e^(-0.2/0.07)
 [0]
 """
 
@@ -119,8 +121,8 @@ def tally(codes: np.ndarray, weights: np.ndarray, n_labels: int) -> tuple[np.nda
     np.add.at(totals, (qi[valid], codes[valid]), weights[valid])
     first_rank = np.full(totals.shape, np.iinfo(np.int64).max, dtype=np.int64)
     ranks = np.broadcast_to(np.arange(k), (n, k))
-    # Assign in reverse rank order so the nearest occurrence wins.
-    first_rank[qi[valid][::-1], codes[valid][::-1]] = ranks[valid][::-1]
+    # Not a fancy assignment: with repeated indices numpy does not promise which write wins.
+    np.minimum.at(first_rank, (qi[valid], codes[valid]), ranks[valid])
     return _winners(totals, first_rank), totals
 
 
