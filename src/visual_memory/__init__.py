@@ -14,6 +14,7 @@ from .errors import (
     DuplicateIdError,
     EncoderError,
     EncoderMismatchError,
+    ErasureError,
     ImageError,
     MemoryExistsError,
     MemoryLockedError,
@@ -24,7 +25,7 @@ from .errors import (
     VisualMemoryError,
 )
 from .memory import Memory, create, open
-from .results import AddResult, EvalResult, Neighbor, Prediction
+from .results import AddResult, EditResult, EvalResult, ForgetReceipt, Neighbor, OptimizeResult, Prediction, RemoveResult
 from .vote import VOTES
 
 __version__ = "0.1.0"
@@ -33,15 +34,20 @@ __all__ = [
     "AddResult",
     "DuplicateIdError",
     "EncoderError",
+    "EditResult",
     "EncoderMismatchError",
+    "ErasureError",
     "EvalResult",
+    "ForgetReceipt",
     "ImageError",
     "Memory",
     "MemoryExistsError",
     "MemoryLockedError",
     "Neighbor",
     "NotAMemoryError",
+    "OptimizeResult",
     "Prediction",
+    "RemoveResult",
     "SelectorError",
     "UnknownIdError",
     "VOTES",

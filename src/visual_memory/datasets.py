@@ -90,3 +90,63 @@ def write_image_folder(images: np.ndarray, labels: list[str], root: str | os.Pat
         if not path.exists():
             Image.fromarray(img).save(path)
     return root
+
+
+def embed_arrays(encoder, images: np.ndarray, *, progress: bool | str = False) -> np.ndarray:
+    """Embed uint8 image arrays through the content-addressed embedding cache.
+
+    The cache key is the SHA-256 of each array's bytes (the id `Memory.add`
+    gives an array), so a second call embeds nothing.
+
+    Parameters
+    ----------
+    encoder : Encoder
+    images : uint8 array of shape (n, H, W) or (n, H, W, 3)
+
+    Returns
+    -------
+    float32 array of shape (n, encoder.dim), rows L2-normalised.
+    """
+    import hashlib
+
+    from .cache import EmbeddingCache
+    from .progress import progress_bar
+
+    images = np.asarray(images)
+    keys = [hashlib.sha256(np.ascontiguousarray(img).tobytes()).hexdigest() for img in images]
+    cache = EmbeddingCache(encoder.spec.fingerprint)
+    found, cached = cache.get(keys)
+    out = np.zeros((len(images), encoder.dim), dtype=np.float32)
+    if found.any():
+        out[found] = cached
+    missing = np.flatnonzero(~found)
+    chunk = 2048
+    with progress_bar(progress if len(missing) else False, total=len(missing), unit="img") as bar:
+        for start in range(0, len(missing), chunk):
+            sel = missing[start : start + chunk]
+            fresh = encoder.embed([images[i] for i in sel])
+            out[sel] = fresh
+            cache.put([keys[i] for i in sel], fresh)
+            bar.advance(len(sel))
+    return out
+
+
+def fashion_mnist_subset(classes, *, split: str = "train", per_class: int = 100) -> tuple[np.ndarray, list[str]]:
+    """The first ``per_class`` Fashion-MNIST images of each of ``classes`` (file order kept).
+
+    Raises
+    ------
+    ValueError
+        Naming any class that Fashion-MNIST does not have (and listing those it has).
+    """
+    unknown = [c for c in classes if c not in FASHION_MNIST_CLASSES]
+    if unknown:
+        raise ValueError(f"unknown Fashion-MNIST class(es) {unknown}; choose from {', '.join(FASHION_MNIST_CLASSES)}")
+    images, labels = load_fashion_mnist(split)
+    counts: dict[str, int] = {}
+    keep = []
+    for i, lab in enumerate(labels):
+        if lab in classes and counts.get(lab, 0) < per_class:
+            counts[lab] = counts.get(lab, 0) + 1
+            keep.append(i)
+    return images[keep], [labels[i] for i in keep]

@@ -51,3 +51,15 @@ class MemoryLockedError(VisualMemoryError):
 
 class SelectorError(VisualMemoryError, ValueError):
     """A record selector is empty, malformed, or matches nothing it should."""
+
+
+class ErasureError(VisualMemoryError):
+    """A `forget` could not prove its erasure: the verification scan found bytes of forgotten records.
+
+    ``receipt`` holds the `ForgetReceipt` with the hits. The records no longer
+    vote; the erasure is retried on the next write.
+    """
+
+    def __init__(self, message: str, receipt=None) -> None:
+        super().__init__(message)
+        self.receipt = receipt

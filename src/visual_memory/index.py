@@ -73,6 +73,10 @@ class VectorIndex:
             self._index = faiss.index_factory(self.dim, factory, faiss.METRIC_INNER_PRODUCT)
         except RuntimeError as exc:
             raise ValueError(f"invalid FAISS index factory string {factory!r}: {exc}") from exc
+        ivf = faiss.try_extract_index_ivf(self._index)
+        if ivf is not None:
+            # IVF cannot reconstruct vectors (needed by `compact`) without a direct map.
+            ivf.set_direct_map_type(faiss.DirectMap.Array)
         self._alive = np.zeros(0, dtype=bool)
         self._n_dead = 0
 
@@ -95,7 +99,7 @@ class VectorIndex:
 
     def add(self, vectors: np.ndarray) -> None:
         """Append rows (float32, (n, dim), already normalised)."""
-        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        vectors = self._checked(vectors, "vectors")
         if len(vectors) == 0:
             return
         if not self._index.is_trained:
@@ -133,6 +137,7 @@ class VectorIndex:
         similarities : float32 array of shape (n, k), descending
         rows : int64 array of shape (n, k); -1 where fewer than k rows exist
         """
+        queries = self._checked(queries, "queries")
         n = len(queries)
         k = int(k)
         if k < 1:
@@ -149,6 +154,14 @@ class VectorIndex:
             sims = np.pad(sims, ((0, 0), (0, pad)), constant_values=-np.inf)
             rows = np.pad(rows, ((0, 0), (0, pad)), constant_values=-1)
         return sims[:, :k], rows[:, :k]
+
+    def _checked(self, x: np.ndarray, what: str) -> np.ndarray:
+        # FAISS checks shapes with `assert`, which `python -O` strips: a wrong
+        # width would then be read out of bounds.
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise VectorError(f"{what} must have shape (n, {self.dim}) for this index; got {x.shape}")
+        return x
 
     def _drop_dead(self, sims: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         ok = rows >= 0
@@ -173,6 +186,22 @@ class VectorIndex:
                 ps.set_index_parameter(self._index, key, value)
             except RuntimeError as exc:
                 raise ValueError(f"index {self.factory!r} has no search parameter {key!r}") from exc
+
+    def erase(self, rows: np.ndarray) -> bool:
+        """Tombstone rows and overwrite their vectors in RAM with zeros (for `forget`).
+
+        Returns False when the index type cannot be overwritten in place (only
+        "Flat" can); the caller must then `compact` to drop the vectors.
+        """
+        rows = np.asarray(rows, dtype=np.int64)
+        self.remove(rows)
+        if not self.is_exact or len(rows) == 0:
+            return self.is_exact
+        import faiss
+
+        xb = faiss.rev_swig_ptr(self._index.get_xb(), self.ntotal * self.dim).reshape(self.ntotal, self.dim)
+        xb[rows] = 0.0
+        return True
 
     def compact(self) -> np.ndarray:
         """Rebuild without tombstones. Returns the alive rows' old positions (new row i = old row out[i])."""

@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from . import vote as voting
+from .editing import UNKNOWN_ADDR, EditingMixin
 from .encoders import DEFAULT_ENCODER, Encoder, EncoderSpec, create_encoder
 from .errors import (
     DuplicateIdError,
@@ -73,7 +74,28 @@ def _as_ids(ids: Optional[Sequence[str]], n: int) -> Optional[list[str]]:
     return ids
 
 
-class Memory:
+def _lookup(table: list, keys: np.ndarray) -> list:
+    """``[table[i] for i in keys.ravel()]`` with None where ``i < 0``, fast."""
+    flat = keys.ravel().tolist()
+    out = list(map(table.__getitem__, flat)) if len(table) else [None] * len(flat)
+    if len(table) and (keys < 0).any():
+        for j in np.flatnonzero(keys.ravel() < 0).tolist():
+            out[j] = None
+    return out
+
+
+def _score_dicts(totals: np.ndarray, labels: list[str]) -> list[dict[str, float]]:
+    """Per query, {label: total} for labels with a vote, highest first (ties: lower code first)."""
+    qi, ci = np.nonzero(totals)
+    vals = totals[qi, ci]
+    order = np.lexsort((-vals, qi))  # stable: equal totals keep ascending label code
+    names = list(map(labels.__getitem__, ci[order].tolist()))
+    vals = vals[order].tolist()
+    bounds = np.concatenate([[0], np.cumsum(np.bincount(qi, minlength=len(totals)))]).tolist()
+    return [dict(zip(names[a:b], vals[a:b])) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+class Memory(EditingMixin):
     """An editable kNN image classifier over a durable memory directory.
 
     Create one with `visual_memory.create`, open one with `visual_memory.open`.
@@ -105,16 +127,21 @@ class Memory:
         self._code_of: dict[str, int] = {}
         self._codes = np.zeros(0, dtype=np.int32)
         self._weights = np.zeros(0, dtype=np.float32)
-        for batch in st.iter_batches(["id", "label", "weight", "vector"]):
+        self._addr = np.zeros(0, dtype=np.uint64)  # Lance row address per row (editing.py)
+        self._known_frags = set(st.fragment_ids())
+        for batch in st.iter_batches(["id", "label", "weight", "vector"], with_row_address=True):
             self._append_rows(
                 batch.column("id").to_pylist(),
                 batch.column("label").to_pylist(),
                 batch.column("weight").to_numpy(zero_copy_only=False),
                 vectors_from_column(batch.column("vector"), st.dim),
+                batch.column("_rowaddr").to_numpy().astype(np.uint64),
             )
         self._loaded_version = st.version
 
-    def _append_rows(self, ids: list[str], labels: list[str], weights: np.ndarray, vectors: np.ndarray) -> None:
+    def _append_rows(
+        self, ids: list[str], labels: list[str], weights: np.ndarray, vectors: np.ndarray, addrs: Optional[np.ndarray] = None
+    ) -> None:
         start = len(self._ids)
         codes = np.empty(len(ids), dtype=np.int32)
         for j, lab in enumerate(labels):
@@ -127,6 +154,8 @@ class Memory:
         self._row_of.update(zip(ids, range(start, start + len(ids))))
         self._codes = np.concatenate([self._codes, codes])
         self._weights = np.concatenate([self._weights, np.asarray(weights, dtype=np.float32)])
+        # Appended rows learn their address lazily, when an edit needs it.
+        self._addr = np.concatenate([self._addr, addrs if addrs is not None else np.full(len(ids), UNKNOWN_ADDR, np.uint64)])
         self._index.add(vectors)
 
     def _sync(self) -> None:
@@ -524,6 +553,7 @@ class Memory:
         self._append_rows(ids, labels, np.ones(n, np.float32), vectors)
         self._loaded_version = self._store.version
         self._store.audit(op, n=n, ids=ids, labels=sorted(set(labels)))
+        self._after_mutation()
 
     # -- querying ------------------------------------------------------------------
 
@@ -562,6 +592,8 @@ class Memory:
 
     def _codes_weights(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         present = rows >= 0
+        if not present.any():  # e.g. an empty memory, where row 0 does not exist
+            return np.full(rows.shape, -1, np.int64), np.zeros(rows.shape, np.float32)
         safe = np.where(present, rows, 0)
         codes = np.where(present, self._codes[safe], -1)
         rec_w = np.where(present, self._weights[safe], 0.0)
@@ -575,6 +607,7 @@ class Memory:
         vote: str = "rank",
         progress: bool | str = False,
         search_params: Optional[dict] = None,
+        abstain_below: Optional[float] = None,
         **vote_params: float,
     ) -> list[Prediction]:
         """Classify queries by their k nearest records voting.
@@ -586,13 +619,21 @@ class Memory:
             memory's encoder; a float array is taken as embeddings.
         k : int, default 50
         vote : {"rank", "plurality", "distance", "softmax"}, default "rank"
+        abstain_below : float in [0, 1], optional
+            Abstain when the winner's vote share (`Prediction.confidence`) is
+            below this: the prediction's ``label`` is then "unknown"
+            (`visual_memory.results.UNKNOWN`) and ``winner`` keeps the vote's choice.
         **vote_params : alpha (rank, 2), tau (softmax, 0.07), xi (distance, 1)
 
         Returns
         -------
         list of Prediction, one per query (all queries are one matrix product).
+        Each carries confidence and novelty scores (``confidence``,
+        ``plurality_count``, ``agreement``, ``ood_score``).
         """
         voting.check_vote(vote, vote_params)
+        if abstain_below is not None and not (isinstance(abstain_below, (int, float)) and 0.0 <= abstain_below <= 1.0):
+            raise ValueError(f"abstain_below must be a vote share in [0, 1]; got {abstain_below!r}")
         sims, rows = self._search(queries, k, progress, search_params or {})
         codes, rec_w = self._codes_weights(rows)
         contrib = voting.neighbor_weights(sims, vote, **vote_params) * rec_w
@@ -601,26 +642,39 @@ class Memory:
         out = []
         labels = self._labels
         ids = self._ids
-        for q in range(len(rows)):
-            nz = np.flatnonzero(totals[q])
-            order = nz[np.argsort(-totals[q, nz], kind="stable")]
-            scores = {labels[c]: float(totals[q, c]) for c in order}
-            rq = rows[q]
+        n_classes = len(self.labels)
+        # Python work per query dominates at 1,000s of queries, so ids, labels and
+        # scores are looked up for all queries at once (C-level map, no per-item branches).
+        all_ids, all_labels = _lookup(ids, rows), _lookup(labels, codes)
+        all_scores = _score_dicts(totals, labels)
+        for q, win in enumerate(winners.tolist()):
             out.append(
                 Prediction(
-                    label=labels[winners[q]] if winners[q] >= 0 else None,
-                    scores=scores,
+                    label=labels[win] if win >= 0 else None,
+                    scores=all_scores[q],
                     k=k,
                     vote=vote,
                     version=version,
-                    ids=[ids[r] if r >= 0 else None for r in rq],
-                    labels=[labels[c] if c >= 0 else None for c in codes[q]],
+                    ids=all_ids[q * k : (q + 1) * k],
+                    labels=all_labels[q * k : (q + 1) * k],
                     sims=sims[q],
                     weights=rec_w[q],
                     contrib=contrib[q],
+                    n_classes=n_classes,
+                    abstain_below=abstain_below,
                 )
             )
         return out
+
+    def explain(self, query, *, k: int = 10, vote: str = "rank", read_sources: bool = True, **vote_params):
+        """Classify one image (or vector) and gather its neighbours' thumbnails and the vote.
+
+        Returns an `visual_memory.explain.Explanation`; ``.to_html()`` renders
+        it as one self-contained page. See `visual_memory.explain.explain`.
+        """
+        from .explain import explain
+
+        return explain(self, query, k=k, vote=vote, read_sources=read_sources, **vote_params)
 
     def predict(self, queries, *, k: int = 50, vote: str = "rank", **vote_params) -> np.ndarray:
         """Labels only (scikit-learn style): object array of shape (n_queries,)."""
@@ -649,6 +703,24 @@ class Memory:
             contrib = voting.neighbor_weights(sims, v, **(vote_params or {}).get(v, {})) * rec_w
             out[v] = labels[voting.predict_every_k(codes, contrib, len(self._labels), ks)]
         return out
+
+    def prune(self, *, mode: str = "soft", threshold: Optional[int] = None, k: Optional[int] = None, c: float = 1.75,
+              progress: bool | str = False, lock_timeout: float = 0.0):
+        """Lower the vote weight of records that mislead their neighbours (audited, reversible).
+
+        ``mode``: "soft" (weight min(1, c / (1 + wrong)) over the top 10),
+        "hard" (weight 0 where wrong >= threshold, top 100) or "undo". See
+        `visual_memory.prune.prune`. Returns a `PruneResult`.
+        """
+        from .prune import prune
+
+        return prune(self, mode=mode, threshold=threshold, k=k, c=c, progress=progress, lock_timeout=lock_timeout)
+
+    def label_issues(self, *, k: int = 10, limit: Optional[int] = 20, progress: bool | str = False):
+        """Records most likely mislabelled, most suspicious first (see `visual_memory.prune.label_issues`)."""
+        from .prune import label_issues
+
+        return label_issues(self, k=k, limit=limit, progress=progress)
 
     def evaluate(
         self,
@@ -726,7 +798,7 @@ def create(
 def open(  # noqa: A001 - mirrors lance.dataset / io.open naming users expect
     path: str | os.PathLike,
     *,
-    version: Optional[int] = None,
+    version: Optional[int | str] = None,
     encoder: Optional[str | Encoder] = None,
     read_only: bool = False,
 ) -> Memory:
@@ -735,8 +807,9 @@ def open(  # noqa: A001 - mirrors lance.dataset / io.open naming users expect
     Parameters
     ----------
     path : str or PathLike
-    version : int, optional
-        Read an earlier version (read-only).
+    version : int or str, optional
+        Read an earlier version (read-only): a version number or a tag name
+        (`Memory.tag`). Versions a `forget` erased cannot be opened.
     encoder : str or Encoder, optional
         Assert the memory was made with this encoder (raises
         `EncoderMismatchError` if not); by default the manifest's encoder is
@@ -749,6 +822,8 @@ def open(  # noqa: A001 - mirrors lance.dataset / io.open naming users expect
     """
     store = Store.open(path, version=version, read_only=read_only)
     mem = Memory(store)
+    if not store.read_only:
+        mem._finish_pending_forget()
     if encoder is not None:
         want = store.manifest["encoder"]
         if isinstance(encoder, str):

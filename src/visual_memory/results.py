@@ -39,6 +39,9 @@ class Neighbor:
         }
 
 
+UNKNOWN = "unknown"  # the label of a prediction that abstained (`Memory.classify(abstain_below=...)`)
+
+
 class Prediction:
     """The decision for one query, fully attributable to its neighbours.
 
@@ -54,16 +57,33 @@ class Prediction:
     vote : str
     version : int
         Memory version the prediction was made against.
+    winner : str or None
+        The label the vote chose, even when the prediction abstained.
+    abstained : bool
+        True when ``confidence`` fell below ``abstain_below``; ``label`` is then
+        `UNKNOWN` (the string "unknown"), never a guess.
+
+    Confidence and novelty (`visual_memory.scores` has the formulas):
+    ``confidence`` (vote share of the winner), ``plurality_count``,
+    ``agreement`` (1 - normalised label entropy) and ``ood_score`` (mean
+    cosine distance to the k neighbours; higher = more novel).
     """
 
-    __slots__ = ("label", "scores", "k", "vote", "version", "_ids", "_labels", "_sims", "_weights", "_contrib", "_neighbors")
+    __slots__ = ("label", "scores", "k", "vote", "version", "winner", "abstained", "n_classes",
+                 "_ids", "_labels", "_sims", "_weights", "_contrib", "_neighbors")
 
-    def __init__(self, *, label, scores, k, vote, version, ids, labels, sims, weights, contrib) -> None:
+    def __init__(self, *, label, scores, k, vote, version, ids, labels, sims, weights, contrib,
+                 n_classes: Optional[int] = None, abstain_below: Optional[float] = None) -> None:
         self.label: Optional[str] = label
+        self.winner: Optional[str] = label
         self.scores: dict[str, float] = scores
         self.k, self.vote, self.version = k, vote, version
+        self.n_classes = n_classes
         self._ids, self._labels, self._sims, self._weights, self._contrib = ids, labels, sims, weights, contrib
         self._neighbors: Optional[list[Neighbor]] = None
+        self.abstained = abstain_below is not None and self.confidence < abstain_below
+        if self.abstained:
+            self.label = UNKNOWN
 
     @property
     def neighbors(self) -> list[Neighbor]:
@@ -79,12 +99,42 @@ class Prediction:
     def confidence(self) -> float:
         """Share of the total vote that went to the winning label (0..1)."""
         total = sum(self.scores.values())
-        return float(self.scores.get(self.label, 0.0) / total) if total > 0 and self.label is not None else 0.0
+        return float(self.scores.get(self.winner, 0.0) / total) if total > 0 and self.winner is not None else 0.0
+
+    def _codes(self) -> np.ndarray:
+        names = {lab: i for i, lab in enumerate(dict.fromkeys(x for x in self._labels if x is not None))}
+        return np.array([[names[x] if x is not None else -1 for x in self._labels]], dtype=np.int64)
+
+    @property
+    def plurality_count(self) -> int:
+        """How many of the k neighbours carry the most common label."""
+        from .scores import plurality_counts
+
+        return int(plurality_counts(self._codes())[0]) if len(self._labels) else 0
+
+    @property
+    def agreement(self) -> float:
+        """1 - normalised entropy of the neighbours' labels (1 = unanimous)."""
+        from .scores import label_agreement
+
+        return float(label_agreement(self._codes(), self.n_classes)[0]) if len(self._labels) else 1.0
+
+    @property
+    def ood_score(self) -> float:
+        """Mean cosine distance to the k neighbours (higher = farther from anything in memory)."""
+        from .scores import ood_scores
+
+        return float(ood_scores(np.asarray(self._sims, dtype=np.float64)[None, :])[0])
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "label": self.label,
+            "winner": self.winner,
+            "abstained": self.abstained,
             "confidence": self.confidence,
+            "plurality_count": self.plurality_count,
+            "agreement": self.agreement,
+            "ood_score": self.ood_score,
             "scores": self.scores,
             "k": self.k,
             "vote": self.vote,
@@ -134,3 +184,102 @@ def to_py(x):
     if isinstance(x, np.generic):
         return x.item()
     return x
+
+
+@dataclass(frozen=True)
+class RemoveResult:
+    """What `Memory.remove` did: the new version, how many records stopped voting, and which."""
+
+    version: int
+    removed: int
+    ids: list[str] = field(default_factory=list, repr=False)
+
+    def to_dict(self) -> dict:
+        return {"version": self.version, "removed": self.removed, "ids": list(self.ids)}
+
+
+@dataclass(frozen=True)
+class EditResult:
+    """What `Memory.relabel` / `Memory.reweight` did (records whose value actually changed)."""
+
+    version: int
+    changed: int
+
+    def to_dict(self) -> dict:
+        return {"version": self.version, "changed": self.changed}
+
+
+@dataclass(frozen=True)
+class ForgetReceipt:
+    """Proof of a `Memory.forget`: what was erased, when, and what a scan of every file found.
+
+    Ids never appear in a receipt: ``id_hashes`` are SHA-256 of the memory's
+    salt (``manifest.json``, ``audit_salt``) followed by the id, so the owner
+    of the memory can check whether an id was forgotten and nobody else can
+    read one off the receipt.
+
+    Attributes
+    ----------
+    erased : int
+        Records erased (present ones plus removed-but-still-on-disk ones).
+    id_hashes : list of str
+        Salted SHA-256 of each erased id, sorted.
+    started_at, finished_at : str
+        ISO-8601 UTC timestamps.
+    version_before, version_after : int
+        Memory versions around the forget (it makes 1-2 versions: the delete,
+        then the rewrite of the fragments that held the records).
+    versions_erased : list of int
+        Earlier versions deleted because they held the records; every version
+        still readable lacks them.
+    tags_dropped : list of str
+        Tags that named an erased version.
+    verification : dict
+        ``ok``, ``files_scanned``, ``bytes_scanned``, ``ids_scanned``,
+        ``vectors_scanned``, ``found`` (hits: file, kind, id hash) and
+        ``ids_too_short`` (ids under 8 bytes are not scanned: such strings
+        occur by chance).
+    recovered : bool
+        True when this forget was completed on reopen after a crash.
+    """
+
+    erased: int
+    id_hashes: list[str]
+    started_at: str
+    finished_at: str
+    version_before: int
+    version_after: int
+    versions_erased: list[int]
+    tags_dropped: list[str]
+    verification: dict
+    recovered: bool = False
+
+    def to_dict(self) -> dict:
+        return {
+            "erased": self.erased,
+            "id_hashes": list(self.id_hashes),
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "version_before": self.version_before,
+            "version_after": self.version_after,
+            "versions_erased": list(self.versions_erased),
+            "tags_dropped": list(self.tags_dropped),
+            "verification": dict(self.verification),
+            "recovered": self.recovered,
+        }
+
+
+@dataclass(frozen=True)
+class OptimizeResult:
+    """What `Memory.optimize` did to the records table and the in-RAM index."""
+
+    version: int
+    fragments_before: int
+    fragments_after: int
+    tombstones_dropped: int
+    versions_removed: int
+    bytes_before: int
+    bytes_after: int
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)

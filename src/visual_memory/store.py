@@ -25,9 +25,9 @@ import json
 import os
 import socket
 import time
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -101,6 +101,7 @@ class Store:
         self.dataset = dataset
         self.read_only = read_only
         self._lock_fd: Optional[int] = None
+        self._audit_state: Optional[tuple[int, int]] = None  # (audit.jsonl size, version) after our last line
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -115,7 +116,7 @@ class Store:
             raise MemoryExistsError(f"{path}: directory is not empty; choose a new path for the memory")
         path.mkdir(parents=True, exist_ok=True)
         dim = int(encoder["dim"])
-        lance.write_dataset(record_schema(dim).empty_table(), str(path / RECORDS), mode="create")
+        ds = lance.write_dataset(record_schema(dim).empty_table(), str(path / RECORDS), mode="create")
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -125,13 +126,17 @@ class Store:
             "vector_dtype": "float32",
             "created_at": now_utc().isoformat(),
         }
-        (path / AUDIT).touch()
+        # Written before the manifest (so before anyone can open the memory) and not
+        # through `writing()`, whose reconcile step would find version 1 unaudited.
+        entry = {"ts": now_utc().isoformat(), "op": "create", "version": int(ds.version), "actor": _actor(),
+                 "encoder": encoder["name"], "fingerprint": encoder.get("fingerprint"), "index": index}
+        with open(path / AUDIT, "w") as f:
+            f.write(json.dumps(entry, sort_keys=True, default=str) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
         # The manifest is written last: its presence marks a complete memory.
         write_json_atomic(path / MANIFEST, manifest)
-        store = cls.open(path)
-        with store.writing():
-            store.audit("create", encoder=encoder["name"], fingerprint=encoder.get("fingerprint"), index=index)
-        return store
+        return cls.open(path)
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, version: Optional[int] = None, read_only: bool = False) -> "Store":
@@ -157,7 +162,7 @@ class Store:
             ds = lance.dataset(str(path / RECORDS), version=version)
         except Exception as exc:
             if version is not None:
-                raise VisualMemoryError(f"{path}: cannot open version {version} ({exc})") from exc
+                raise VisualMemoryError(_version_gone_message(path, version, exc)) from exc
             raise NotAMemoryError(f"{path}: records table is missing or unreadable ({exc})") from exc
         return cls(path, manifest, ds, read_only=read_only or version is not None)
 
@@ -186,8 +191,11 @@ class Store:
     def read_columns(self, columns: list[str], *, where: Optional[str] = None) -> pa.Table:
         return self.dataset.to_table(columns=columns, filter=where)
 
-    def iter_batches(self, columns: list[str], *, batch_size: int = 65536) -> Iterator[pa.RecordBatch]:
-        yield from self.dataset.to_batches(columns=columns, batch_size=batch_size)
+    def iter_batches(
+        self, columns: list[str], *, batch_size: int = 65536, with_row_address: bool = False
+    ) -> Iterator[pa.RecordBatch]:
+        """Batches in table order; ``with_row_address`` adds ``_rowaddr`` (fragment id << 32 | offset)."""
+        yield from self.dataset.to_batches(columns=columns, batch_size=batch_size, with_row_address=with_row_address)
 
     def size_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
@@ -233,6 +241,7 @@ class Store:
         self._lock_fd = fd
         try:
             self.refresh()
+            self.finish_pending_forget()
             self.reconcile_audit()
             yield self
         finally:
@@ -250,7 +259,7 @@ class Store:
         import lance
 
         self._require_lock()
-        self.dataset = lance.write_dataset(table, self.dataset, mode="append")
+        self.dataset = lance.write_dataset(table, self.dataset, mode="append", max_rows_per_file=self.fragment_rows)
         return self.version
 
     def delete(self, where: str) -> int:
@@ -271,6 +280,7 @@ class Store:
             f.write(line + "\n")
             f.flush()
             os.fsync(f.fileno())
+            self._audit_state = (f.tell(), self.version)
         return entry
 
     def audit_entries(self) -> list[dict]:
@@ -300,7 +310,7 @@ class Store:
         self._require_lock()
         path = self.path / AUDIT
         # Drop a torn trailing line so the log stays one JSON object per line.
-        if path.exists() and path.stat().st_size:
+        if path.exists() and path.stat().st_size and not _ends_with_newline(path):
             data = path.read_bytes()
             if not data.endswith(b"\n"):
                 keep = data[: data.rfind(b"\n") + 1]
@@ -308,7 +318,12 @@ class Store:
                     f.write(keep)
                     f.flush()
                     os.fsync(f.fileno())
-        audited = max((int(e.get("version", 0)) for e in self.audit_entries()), default=0)
+        # Skip re-parsing the whole log when nobody else appended since our last line.
+        state = self._audit_state
+        if state is not None and path.stat().st_size == state[0]:
+            audited = state[1]
+        else:
+            audited = max((int(e.get("version", 0)) for e in self.audit_entries()), default=0)
         latest = self.version
         if audited >= latest:
             return []
@@ -340,6 +355,160 @@ class Store:
             return None
         ds = self.dataset.checkout_version(version)
         return set(ds.to_table(columns=["id"]).column("id").to_pylist())
+
+    # -- editing support: row addresses, compaction, version cleanup, tags -----------
+    # Records are addressed by Lance row address (fragment id << 32 | offset), so a
+    # delete or update touches one fragment and its predicate names no record id
+    # (Lance keeps predicates in its transaction files).
+
+    @property
+    def fragment_rows(self) -> int:
+        """Rows per data file: about 64 MB of vectors, the most one erasure rewrites per file it touches."""
+        return max(1024, FRAGMENT_BYTES // (4 * self.dim + 64))
+
+    def fragment_ids(self) -> list[int]:
+        return [f.fragment_id for f in self.dataset.get_fragments()]
+
+    def fragment_sizes(self) -> list[int]:
+        """Physical rows of each fragment (from the manifest; no I/O)."""
+        return [int(f.metadata.physical_rows) for f in self.dataset.get_fragments()]
+
+    def row_addresses(self, fragment_ids: Optional[Iterable[int]] = None) -> tuple[list[str], np.ndarray]:
+        """Ids and row addresses (uint64) of the live rows in these fragments (default: all)."""
+        frags = None
+        if fragment_ids is not None:
+            want = set(fragment_ids)
+            frags = [f for f in self.dataset.get_fragments() if f.fragment_id in want]
+            if not frags:
+                return [], np.zeros(0, np.uint64)
+        table = self.dataset.scanner(columns=["id"], with_row_address=True, fragments=frags).to_table()
+        return table.column("id").to_pylist(), table.column("_rowaddr").to_numpy().astype(np.uint64)
+
+    def _checkout_latest(self) -> int:
+        self.dataset = self.dataset.checkout_version(self.dataset.latest_version)
+        return self.version
+
+    def delete_rows(self, addresses: Sequence[int]) -> int:
+        """Logically delete rows by address (one commit). Returns the new version."""
+        self._require_lock()
+        self.dataset.delete(_addr_in(addresses))
+        return self._checkout_latest()
+
+    def update_rows(self, addresses: Sequence[int], updates: dict[str, str]) -> int:
+        """Set columns to SQL expressions on rows by address (one commit; Lance moves the rows to a new fragment)."""
+        self._require_lock()
+        self.dataset.update(updates, where=_addr_in(addresses))
+        return self._checkout_latest()
+
+    def update_weights(self, ids: Sequence[str], weights: np.ndarray) -> int:
+        """Give each record its own weight, in one commit (a merge on ``id``)."""
+        self._require_lock()
+        table = pa.table({"id": pa.array(list(ids), pa.string()), "weight": pa.array(np.asarray(weights, np.float32))})
+        self.dataset.merge_insert("id").when_matched_update_all().execute(table)
+        return self._checkout_latest()
+
+    def compact(self, *, materialize_deletions_threshold: float = 0.1, target_rows: Optional[int] = None) -> int:
+        """Merge small fragments and rewrite those whose deleted share exceeds the threshold.
+
+        ``materialize_deletions_threshold=0.0`` rewrites every fragment holding
+        any deleted row: the step of `forget` that drops the bytes from the
+        newest version. Only fragments under ``target_rows`` (default
+        `fragment_rows`) are merged. Returns the number of fragments rewritten.
+        """
+        self._require_lock()
+        metrics = self.dataset.optimize.compact_files(
+            target_rows_per_fragment=int(target_rows or self.fragment_rows),
+            materialize_deletions_threshold=materialize_deletions_threshold,
+        )
+        self._checkout_latest()
+        return int(metrics.fragments_removed)
+
+    def version_numbers(self) -> list[int]:
+        """Versions that can still be opened, oldest first."""
+        return sorted(int(v["version"]) for v in self.dataset.versions())
+
+    def cleanup_versions(self, versions: Optional[list[int]] = None, *, older_than: Optional[timedelta] = None) -> int:
+        """Delete old versions and every file only they reference (never the current one).
+
+        Either the given ``versions`` or all untagged ones ``older_than``.
+        Safe only under the writer lock (``delete_unverified`` would otherwise
+        race a writer's uncommitted files). Returns the versions removed.
+        """
+        self._require_lock()
+        if versions is not None:
+            versions = [int(v) for v in versions if int(v) != self.version]
+            if not versions:
+                return 0
+            stats = self.dataset.cleanup_old_versions(versions=versions, delete_unverified=True)
+        else:
+            stats = self.dataset.cleanup_old_versions(
+                older_than=older_than, delete_unverified=True, error_if_tagged_old_versions=False
+            )
+        self._checkout_latest()
+        return int(stats.old_versions)
+
+    def tags(self) -> dict[str, int]:
+        """Tag name -> version."""
+        return {name: int(info["version"]) for name, info in sorted(self.dataset.tags.list().items())}
+
+    def create_tag(self, name: str, version: int) -> None:
+        self._require_lock()
+        self.dataset.tags.create(name, int(version))
+
+    def delete_tag(self, name: str) -> None:
+        self._require_lock()
+        self.dataset.tags.delete(name)
+
+    def salt(self) -> str:
+        """The memory's secret for salted id hashes in the audit log (made on first use)."""
+        salt = self.manifest.get("audit_salt")
+        if salt is None:
+            import secrets
+
+            self._require_lock()
+            salt = secrets.token_hex(16)
+            manifest = json.loads((self.path / MANIFEST).read_text())
+            manifest["audit_salt"] = salt
+            write_json_atomic(self.path / MANIFEST, manifest)
+            self.manifest = manifest
+        return salt
+
+    def finish_pending_forget(self):
+        """Complete a `forget` that a crash interrupted (inside `writing()`); its receipt, or None."""
+        from . import erasure
+
+        if not (self.path / erasure.JOURNAL).exists():
+            return None
+        self._require_lock()
+        return erasure.finish_pending(self)
+
+
+FRAGMENT_BYTES = 64 * 1024 * 1024
+
+
+def _addr_in(addresses: Sequence[int]) -> str:
+    return "_rowaddr IN (" + ", ".join(str(int(a)) for a in addresses) + ")"
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
+
+
+def _version_gone_message(path: Path, version, exc: Exception) -> str:
+    """Why ``version`` cannot be opened: a forget erased it, or it never existed."""
+    try:
+        entries = [json.loads(line) for line in (path / AUDIT).read_text().splitlines() if line.strip()]
+    except (OSError, json.JSONDecodeError):
+        entries = []
+    for e in entries:
+        if e.get("op") == "forget" and version in (e.get("versions_erased") or []):
+            return (
+                f"{path}: version {version} was erased by the forget at version {e.get('version')} "
+                f"({e.get('ts')}): it held forgotten records. `vismem history {path}` lists the readable versions."
+            )
+    return f"{path}: cannot open version {version!r} ({str(exc).splitlines()[0][:200]}); `vismem history {path}` lists versions"
 
 
 def sql_quote(value: str) -> str:

@@ -120,6 +120,7 @@ def eval_(
     k: str = typer.Option("1,10,20,50,100", "--k", help="Comma-separated k values."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON to this file."),
     per_class: Optional[int] = typer.Option(None, "--per-class", help="Use only the first N queries of each class."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Also run every paper evaluation and write JSON, PNGs and report.html into this folder."),
 ) -> None:
     """Top-1 accuracy of every vote at every k over a labelled folder."""
     from ..cache import embed_folder
@@ -133,6 +134,10 @@ def eval_(
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(__import__("json").dumps(result.to_dict(), indent=2) + "\n")
         console.print(f"wrote {json_out}")
+    if report is not None:
+        from .evaluate import write_eval_report
+
+        write_eval_report(mem, folder, report, per_class=per_class)
 
 
 @app.command()

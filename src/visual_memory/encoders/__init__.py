@@ -118,4 +118,4 @@ def create_encoder(name: str = DEFAULT_ENCODER, **kwargs) -> Encoder:
 
 def _load_builtin() -> None:
     # Imported lazily so that `import visual_memory` does not import torch.
-    from . import efficientnet  # noqa: F401
+    from . import efficientnet, hf, onnx_file, timm_models  # noqa: F401

@@ -8,8 +8,11 @@ accuracy depends on reproducing it exactly.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import math
+import os
 import logging
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +27,7 @@ from ..progress import progress_bar
 
 log = logging.getLogger(__name__)
 
+_RESIZE_MODES = ("shorter", "squash")
 _INTERPOLATION = {
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,
@@ -34,16 +38,33 @@ _INTERPOLATION = {
 
 @dataclass(frozen=True)
 class Preprocess:
-    """How an encoder wants its pixels.
+    """How an encoder wants its pixels (the analogue of timm's ``pretrained_cfg``).
 
-    Resize the shorter side to ``round(input_size / crop_pct)`` with
-    ``interpolation`` (antialiased), centre-crop ``input_size`` square, scale to
-    [0, 1], subtract ``mean`` and divide by ``std`` (both in [0, 1] units).
+    With ``resize_mode="shorter"`` (default): resize the shorter side to
+    ``resize_size = floor(input_size / crop_pct)`` keeping the aspect ratio
+    (the longer side is truncated, ``int(resize_size * long / short)``), then
+    centre-crop ``input_size`` square. With
+    ``resize_mode="squash"``: resize straight to ``input_size`` square,
+    ignoring the aspect ratio (SigLIP). Then scale to [0, 1], subtract
+    ``mean`` and divide by ``std`` (both in [0, 1] units).
+
+    The size arithmetic (floor, truncation, crop offsets) and the
+    resampling (PIL, antialiased, ``reducing_gap=None``) are exactly those of
+    the reference pipelines: torchvision's ``Resize``/``CenterCrop`` on PIL
+    images (timm, the DINOv2 and CLIP repositories) and Hugging Face's PIL
+    image processors; ``tests/test_encoders_hf.py`` checks the pixels.
+
+    ``crop_offset``: how the centre crop's offset is rounded when the margin
+    is odd: ``"floor"`` (Hugging Face's processors) or ``"round"``
+    (torchvision's ``CenterCrop``, Python's round-half-even; timm).
 
     ``upscale_small``: an image whose shorter side is below ``input_size`` is
     resized so its shorter side is exactly ``input_size`` before the crop,
     instead of overshooting and cropping away its border (a 32x32 CIFAR image
     keeps all of its pixels).
+
+    >>> Preprocess(input_size=224, crop_pct=0.875).resize_size
+    256
     """
 
     input_size: int = 224
@@ -52,39 +73,95 @@ class Preprocess:
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     upscale_small: bool = False
+    resize_mode: str = "shorter"
+    crop_offset: str = "floor"
 
     def __post_init__(self) -> None:
         if self.interpolation not in _INTERPOLATION:
             raise ValueError(f"interpolation must be one of {sorted(_INTERPOLATION)}; got {self.interpolation!r}")
         if not 0 < self.crop_pct <= 1:
             raise ValueError(f"crop_pct must be in (0, 1]; got {self.crop_pct}")
+        if self.crop_offset not in ("floor", "round"):
+            raise ValueError(f"crop_offset must be 'floor' or 'round'; got {self.crop_offset!r}")
+        if self.resize_mode not in _RESIZE_MODES:
+            raise ValueError(f"resize_mode must be one of {sorted(_RESIZE_MODES)}; got {self.resize_mode!r}")
+        if int(self.input_size) < 1:
+            raise ValueError(f"input_size must be >= 1; got {self.input_size}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError(f"mean and std need 3 values each, std > 0; got mean={self.mean}, std={self.std}")
 
     @property
     def resize_size(self) -> int:
-        return int(round(self.input_size / self.crop_pct))
+        # floor like timm's transforms_factory; the epsilon absorbs float noise
+        # in crop_pct = crop / size (224 / (224 / 256) must give 256, not 255).
+        return int(math.floor(self.input_size / self.crop_pct + 1e-6))
 
-    def __call__(self, img: Image.Image) -> np.ndarray:
-        """RGB PIL image -> float32 array of shape (3, input_size, input_size)."""
-        w, h = img.size
-        target = self.resize_size
-        if self.upscale_small and min(w, h) < self.input_size:
-            target = self.input_size
-        scale = target / min(w, h)
-        nw, nh = max(target, round(w * scale)), max(target, round(h * scale))
-        if (nw, nh) != (w, h):
-            img = img.resize((nw, nh), _INTERPOLATION[self.interpolation], reducing_gap=None)
+    def geometry(self, width: int, height: int) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
+        """``((resized_w, resized_h), crop_box)`` for an image of this size; crop_box is (left, top, right, bottom).
+
+        >>> Preprocess(input_size=224, crop_pct=0.875).geometry(640, 427)
+        ((383, 256), (79, 16, 303, 240))
+        """
         s = self.input_size
-        left, top = (nw - s) // 2, (nh - s) // 2
-        if (left, top, nw, nh) != (0, 0, s, s):
-            img = img.crop((left, top, left + s, top + s))
-        arr = np.asarray(img, dtype=np.float32)  # (H, W, 3) in 0..255
-        mean = np.asarray(self.mean, dtype=np.float32) * 255.0
-        inv_std = 1.0 / (np.asarray(self.std, dtype=np.float32) * 255.0)
-        return np.ascontiguousarray(((arr - mean) * inv_std).transpose(2, 0, 1))
+        if self.resize_mode == "squash":
+            return (s, s), (0, 0, s, s)
+        target = self.resize_size
+        if self.upscale_small and min(width, height) < s:
+            target = s
+        if width <= height:
+            nw, nh = target, int(target * height / width)
+        else:
+            nw, nh = int(target * width / height), target
+        if self.crop_offset == "floor":
+            left, top = (nw - s) // 2, (nh - s) // 2
+        else:
+            left, top = int(round((nw - s) / 2.0)), int(round((nh - s) / 2.0))
+        return (nw, nh), (left, top, left + s, top + s)
+
+    def resize_crop(self, img: Image.Image) -> Image.Image:
+        """RGB PIL image -> resized and cropped RGB PIL image (input_size square)."""
+        (nw, nh), box = self.geometry(*img.size)
+        if (nw, nh) != img.size:
+            img = img.resize((nw, nh), _INTERPOLATION[self.interpolation], reducing_gap=None)
+        if box != (0, 0, nw, nh):
+            # PIL pads with black when the crop leaves the image (resize_size <
+            # input_size), as torchvision's CenterCrop does.
+            img = img.crop(box)
+        return img
+
+    def normalize(self, img: Image.Image, out: Optional[np.ndarray] = None) -> np.ndarray:
+        """input_size-square RGB PIL image -> float32 (3, S, S), written into ``out`` if given."""
+        s = self.input_size
+        if out is None:
+            out = np.empty((3, s, s), dtype=np.float32)
+        # One strided uint8 -> float32 copy into channel-first layout, then two
+        # in-place passes: ~8x faster than (arr - mean) / std on an HWC float
+        # array followed by transpose + copy (measured 0.17 vs 1.4 ms at 224).
+        np.copyto(out, np.asarray(img).transpose(2, 0, 1), casting="unsafe")
+        scale, shift = self._affine
+        out *= scale
+        out += shift
+        return out
+
+    @functools.cached_property
+    def _affine(self) -> tuple[np.ndarray, np.ndarray]:
+        std = np.asarray(self.std, dtype=np.float64) * 255.0
+        scale = (1.0 / std).astype(np.float32)[:, None, None]
+        shift = (-np.asarray(self.mean, dtype=np.float64) * 255.0 / std).astype(np.float32)[:, None, None]
+        return scale, shift
+
+    def __call__(self, img: Image.Image, out: Optional[np.ndarray] = None) -> np.ndarray:
+        """RGB PIL image -> float32 array of shape (3, input_size, input_size)."""
+        return self.normalize(self.resize_crop(img), out)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["mean"], d["std"] = list(self.mean), list(self.std)
+        # Fields added after the first release are left out at their default,
+        # so existing memories and embedding caches keep their fingerprints.
+        for key, default in (("resize_mode", "shorter"), ("crop_offset", "floor")):
+            if d[key] == default:
+                del d[key]
         return d
 
     @classmethod
@@ -174,31 +251,50 @@ class Encoder:
     def preprocess(self, img: Image.Image) -> np.ndarray:
         return self.spec.preprocess(img)
 
-    def _load_and_preprocess(self, item: ImageLike) -> tuple[LoadedImage, np.ndarray]:
+    def _load_into(self, item: ImageLike, out: np.ndarray) -> LoadedImage:
         loaded = load_image(item)
-        return loaded, self.preprocess(loaded.image)
+        self.spec.preprocess(loaded.image, out)
+        return loaded
 
     def iter_batches(
         self,
         images: Sequence[ImageLike],
         *,
         batch_size: Optional[int] = None,
-        workers: int = 2,
+        workers: Optional[int] = None,
         progress: bool | str = False,
     ) -> Iterator[tuple[list[LoadedImage], np.ndarray]]:
         """Yield ``(loaded_images, vectors)`` batch by batch, in input order.
 
         Decoding and preprocessing of the next batches run in a thread pool
-        while the model computes the current one (PIL and the runtimes release
-        the GIL), so the model rarely waits for pixels.
+        while the model computes the current one (PIL, numpy and the runtimes
+        release the GIL), each worker writing straight into the batch array,
+        so the model rarely waits for pixels.
 
-        Returns vectors of shape (len(batch), dim), float32, L2-normalised.
+        Parameters
+        ----------
+        images : sequence of images
+        batch_size : int, optional
+            Images per forward pass; default ``self.batch_size``.
+        workers : int, optional
+            Decode/preprocess threads; default ``$VISMEM_DECODE_WORKERS`` or
+            the number of CPU cores (more only adds contention with the
+            model's own threads).
+        progress : bool or str
+
+        Yields
+        ------
+        loaded : list of LoadedImage
+        vectors : numpy.ndarray of shape (len(loaded), dim), float32, L2-normalised
         """
         images = as_list(images)
         bs = int(batch_size or self.batch_size)
         if bs < 1:
             raise ValueError(f"batch_size must be >= 1; got {bs}")
+        if workers is None:
+            workers = int(os.environ.get("VISMEM_DECODE_WORKERS", 0)) or os.cpu_count() or 1
         n = len(images)
+        s = self.spec.preprocess.input_size
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, progress_bar(
             progress, total=n, unit="img"
         ) as bar:
@@ -209,22 +305,22 @@ class Encoder:
             def submit_next() -> None:
                 start = next(starts, None)
                 if start is not None:
-                    pending.append([pool.submit(self._load_and_preprocess, it) for it in images[start : start + bs]])
+                    chunk = images[start : start + bs]
+                    pixels = np.empty((len(chunk), 3, s, s), dtype=np.float32)
+                    pending.append((pixels, [pool.submit(self._load_into, it, pixels[i]) for i, it in enumerate(chunk)]))
 
             for _ in range(lookahead + 1):
                 submit_next()
             while pending:
-                futures = pending.popleft()
+                pixels, futures = pending.popleft()
                 submit_next()
                 try:
-                    results = [f.result() for f in futures]
+                    loaded = [f.result() for f in futures]
                 except BaseException:
-                    for batch in pending:
+                    for _, batch in pending:
                         for f in batch:
                             f.cancel()
                     raise
-                loaded = [r[0] for r in results]
-                pixels = np.stack([r[1] for r in results])
                 vectors = l2_normalize(self.forward(pixels))
                 bar.advance(len(loaded))
                 yield loaded, vectors

@@ -9,7 +9,7 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -50,15 +50,26 @@ def resolve_device(device: str = "auto") -> str:
 
 
 class TorchForward:
-    """Run a torch module in inference mode on the chosen device."""
+    """Run a torch module in inference mode on the chosen device.
 
-    def __init__(self, module, *, device: str = "auto") -> None:
+    Parameters
+    ----------
+    module : torch.nn.Module
+        Maps float32 (B, 3, S, S) to (B, dim).
+    device : str, default "auto"
+        ``"auto"``: cuda, then Apple mps, then cpu (`resolve_device`).
+    channels_last : bool, default True
+        NHWC layout on CPU; measured 1.4x faster for depthwise-conv nets,
+        irrelevant for ViTs (one patch convolution), so they pass False.
+    """
+
+    def __init__(self, module, *, device: str = "auto", channels_last: bool = True) -> None:
         import torch
 
         self.device = resolve_device(device)
+        self.channels_last = channels_last and self.device == "cpu"
         self.module = module.eval().to(self.device)
-        if self.device == "cpu":
-            # channels-last measured 1.4x faster for depthwise-conv nets on CPU.
+        if self.channels_last:
             self.module = self.module.to(memory_format=torch.channels_last)
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
@@ -66,7 +77,7 @@ class TorchForward:
 
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32)).to(self.device)
-            if self.device == "cpu":
+            if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             return self.module(x).float().cpu().numpy()
 
@@ -74,7 +85,7 @@ class TorchForward:
 class OnnxForward:
     """Run an ONNX graph with onnxruntime (CPU, or CUDA when available)."""
 
-    def __init__(self, path: Path, *, threads: int | None = None) -> None:
+    def __init__(self, path: Path, *, threads: int | None = None, spin: Optional[bool] = None) -> None:
         try:
             import onnxruntime as ort
         except ImportError as exc:
@@ -84,6 +95,11 @@ class OnnxForward:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or os.cpu_count() or 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if spin is None:
+            spin = os.environ.get("VISMEM_ORT_SPIN", "1") != "0"
+        # Idle intra-op threads busy-wait for work by default; with decode
+        # threads sharing the cores that can steal their time (see bench_embed).
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
         try:
             self.session = ort.InferenceSession(str(path), opts, providers=providers)
@@ -91,6 +107,7 @@ class OnnxForward:
             raise EncoderError(f"{path}: onnxruntime cannot load this model ({exc})") from exc
         self.input_name = self.session.get_inputs()[0].name
         self.path = Path(path)
+        self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         out = self.session.run(None, {self.input_name: np.ascontiguousarray(pixels, dtype=np.float32)})[0]
@@ -109,8 +126,20 @@ class OnnxForward:
         return cls(path)
 
 
-def export_onnx(module, path: Path, *, input_size: int) -> Path:
-    """Export a torch module taking (B,3,S,S) to ONNX with a dynamic batch axis."""
+def export_onnx(module, path: Path, *, input_size: int, metadata: Optional[dict[str, str]] = None) -> Path:
+    """Export a torch module taking (B,3,S,S) to ONNX with a dynamic batch axis.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+    path : Path
+        Written atomically (temporary file, then rename).
+    input_size : int
+        S, the square input side the graph is traced at.
+    metadata : dict of str to str, optional
+        Stored in the model's ``metadata_props`` (`vismem export-onnx` puts the
+        encoder spec there, so ``onnx:<file>`` reproduces the preprocessing).
+    """
     import warnings
 
     import torch
@@ -134,6 +163,14 @@ def export_onnx(module, path: Path, *, input_size: int) -> Path:
                 opset_version=17,
                 dynamo=False,
             )
+        if metadata:
+            import onnx
+
+            model = onnx.load(tmp, load_external_data=False)
+            for key, value in metadata.items():
+                entry = model.metadata_props.add()
+                entry.key, entry.value = key, value
+            onnx.save(model, tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

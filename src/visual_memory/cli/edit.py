@@ -1,0 +1,162 @@
+"""remove, forget, relabel, reweight, history, tag, optimize."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.table import Table
+
+import visual_memory as vm
+
+from .app import app, console, handle_errors, print_json
+
+_ID = typer.Option(None, "--id", help="Record id (repeat for several).")
+_LABEL = typer.Option(None, "--label", "-l", help="Every record with this label (repeatable).")
+_SOURCE = typer.Option(None, "--source", "-s", help="Every record with exactly this source.")
+_WHERE = typer.Option(None, "--where", help="Lance SQL filter, e.g. \"weight < 0.5\".")
+_IMAGE = typer.Option(None, "--image", help="Image file whose content hash is the record id (repeatable).")
+_LOCK = typer.Option(0.0, "--lock-timeout", help="Seconds to wait for another writer.")
+
+
+def _selectors(ids, labels, source, where, images) -> dict:
+    return {
+        "ids": ids or None,
+        "label": labels or None,
+        "source": source,
+        "where": where,
+        "images": [str(p) for p in images] if images else None,
+    }
+
+
+@app.command()
+@handle_errors
+def remove(
+    memory: Path = typer.Argument(..., help="Memory directory."),
+    ids: Optional[List[str]] = _ID,
+    labels: Optional[List[str]] = _LABEL,
+    source: Optional[str] = _SOURCE,
+    where: Optional[str] = _WHERE,
+    images: Optional[List[Path]] = _IMAGE,
+    lock_timeout: float = _LOCK,
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Remove records (selectors combine with AND); they stop voting at once."""
+    result = vm.open(memory).remove(**_selectors(ids, labels, source, where, images), lock_timeout=lock_timeout)
+    if as_json:
+        print_json(result.to_dict())
+    else:
+        console.print(f"removed {result.removed} record(s); version {result.version}")
+
+
+@app.command()
+@handle_errors
+def forget(
+    memory: Path = typer.Argument(..., help="Memory directory."),
+    ids: Optional[List[str]] = _ID,
+    labels: Optional[List[str]] = _LABEL,
+    source: Optional[str] = _SOURCE,
+    where: Optional[str] = _WHERE,
+    images: Optional[List[Path]] = _IMAGE,
+    no_verify: bool = typer.Option(False, "--no-verify", help="Skip the verification scan of every file."),
+    receipt: Optional[Path] = typer.Option(None, "--receipt", help="Also write the receipt (JSON) to this file."),
+    lock_timeout: float = _LOCK,
+) -> None:
+    """Remove records and physically erase every byte of them; print the receipt (JSON)."""
+    result = vm.open(memory).forget(**_selectors(ids, labels, source, where, images), verify=not no_verify, lock_timeout=lock_timeout)
+    data = result.to_dict()
+    if receipt is not None:
+        receipt.parent.mkdir(parents=True, exist_ok=True)
+        receipt.write_text(__import__("json").dumps(data, indent=2) + "\n")
+    print_json(data)
+
+
+@app.command()
+@handle_errors
+def relabel(
+    memory: Path = typer.Argument(..., help="Memory directory."),
+    label: str = typer.Argument(..., help="The new label."),
+    ids: List[str] = typer.Option(..., "--id", help="Record id (repeat for several)."),
+    lock_timeout: float = _LOCK,
+) -> None:
+    """Give records a new label."""
+    r = vm.open(memory).relabel(ids, label, lock_timeout=lock_timeout)
+    console.print(f"relabelled {r.changed} record(s) as {label!r}; version {r.version}")
+
+
+@app.command()
+@handle_errors
+def reweight(
+    memory: Path = typer.Argument(..., help="Memory directory."),
+    weight: float = typer.Argument(..., help="Vote weight >= 0 (0: never votes, stays inspectable; 1: default)."),
+    ids: List[str] = typer.Option(..., "--id", help="Record id (repeat for several)."),
+    lock_timeout: float = _LOCK,
+) -> None:
+    """Set records' vote weight."""
+    r = vm.open(memory).reweight(ids, weight, lock_timeout=lock_timeout)
+    console.print(f"reweighted {r.changed} record(s) to {weight}; version {r.version}")
+
+
+@app.command()
+@handle_errors
+def history(
+    memory: Path = typer.Argument(..., help="Memory directory."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Versions and the mutation that made each (from the audit log), with tags."""
+    mem = vm.open(memory, read_only=True)
+    rows = mem.versions()
+    if as_json:
+        print_json({"version": mem.version, "tags": mem.tags(), "history": rows})
+        return
+    table = Table("version", "op", "records", "when (UTC)", "readable", "tags")
+    for r in rows:
+        table.add_row(str(r["version"]), str(r["op"]) + (" (recovered)" if r["recovered"] else ""),
+                      "" if r["n"] is None else str(r["n"]), str(r["ts"])[:19], "yes" if r["readable"] else "erased",
+                      ", ".join(r["tags"]))
+    console.print(table)
+
+
+@app.command()
+@handle_errors
+def tag(
+    memory: Path = typer.Argument(..., help="Memory directory."),
+    name: Optional[str] = typer.Argument(None, help="Tag name (omit to list tags)."),
+    version: Optional[int] = typer.Option(None, "--version", help="Version to tag (default: the current one)."),
+    delete: bool = typer.Option(False, "--delete", help="Remove the tag instead."),
+    lock_timeout: float = _LOCK,
+) -> None:
+    """Name a version (open it later with version=NAME), list tags, or --delete one."""
+    mem = vm.open(memory)
+    if name is None:
+        print_json(mem.tags())
+    elif delete:
+        mem.untag(name, lock_timeout=lock_timeout)
+        console.print(f"removed tag {name!r}")
+    else:
+        r = mem.tag(name, version=version, lock_timeout=lock_timeout)
+        console.print(f"tagged version {r['version']} as {name!r}")
+
+
+@app.command()
+@handle_errors
+def optimize(
+    memory: Path = typer.Argument(..., help="Memory directory."),
+    prune_days: Optional[float] = typer.Option(
+        None, "--prune-older-than", help="Also delete versions older than this many days (0: all but the current and tagged ones)."
+    ),
+    lock_timeout: float = _LOCK,
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Compact fragments and the in-RAM index (also runs on its own when fragments pile up)."""
+    cleanup = timedelta(days=prune_days) if prune_days is not None else None
+    r = vm.open(memory).optimize(cleanup_older_than=cleanup, lock_timeout=lock_timeout)
+    if as_json:
+        print_json(r.to_dict())
+    else:
+        console.print(
+            f"fragments {r.fragments_before} -> {r.fragments_after}, removed rows dropped {r.tombstones_dropped}, "
+            f"versions removed {r.versions_removed}, {r.bytes_before / 1e6:.1f} -> {r.bytes_after / 1e6:.1f} MB; version {r.version}"
+        )

@@ -1,0 +1,87 @@
+"""serve (HTTP API + web UI) and explain (self-contained HTML)."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+import visual_memory as vm
+
+from ..vote import VOTES
+from .app import app, console, handle_errors, print_json
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@app.command()
+@handle_errors
+def serve(
+    memory: Path = typer.Argument(..., help="Memory directory."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on (127.0.0.1 = this machine only)."),
+    port: int = typer.Option(8000, "--port", min=0, max=65535, help="TCP port."),
+    token: Optional[str] = typer.Option(
+        None, "--token", envvar="VISMEM_TOKEN", help="Bearer token for edits (default: a random one, printed at start)."
+    ),
+    open_reads: bool = typer.Option(
+        False, "--open-reads", help="Serve reads without the token even when listening beyond localhost."
+    ),
+) -> None:
+    """Serve the HTTP API (docs at /docs) and the web UI (at /) for one memory."""
+    import secrets
+
+    import uvicorn
+
+    from ..server import create_app
+
+    token = token or secrets.token_urlsafe(24)
+    protect_reads = not _is_loopback(host) and not open_reads
+    application = create_app(memory, token=token, protect_reads=protect_reads)
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    console.print(f"serving {memory} at http://{shown}:{port}/  (API docs: /docs)")
+    console.print(f"edit token: {token}")
+    console.print(f"open the UI with the token filled in: http://{shown}:{port}/#token={token}", soft_wrap=True)
+    if protect_reads:
+        console.print("listening beyond localhost: reads need the token too (--open-reads to lift that)")
+    uvicorn.run(application, host=host, port=port, log_level="info")
+
+
+@app.command()
+@handle_errors
+def explain(
+    memory: Path = typer.Argument(..., help="Memory directory."),
+    image: Path = typer.Argument(..., help="The image to explain."),
+    html: Optional[Path] = typer.Option(None, "--html", help="Write a self-contained HTML explanation here."),
+    k: int = typer.Option(10, "--k", "-k", min=1, help="Neighbours that vote (and are shown)."),
+    vote: str = typer.Option("rank", "--vote", help=f"One of: {', '.join(VOTES)}."),
+    as_json: bool = typer.Option(False, "--json", help="Print the explanation as JSON (no thumbnails)."),
+) -> None:
+    """Why an image gets its label: neighbours with thumbnails, similarity, weight, contribution, vote totals."""
+    e = vm.open(memory).explain(image, k=k, vote=vote)
+    if as_json:
+        print_json(e.to_dict(thumbnails=False))
+    else:
+        from rich.table import Table
+
+        console.print(f"[bold]{e.label}[/] (confidence {e.prediction.confidence:.2f}, k={k}, {vote} vote)")
+        bars = Table("label", "score", "")
+        top = max(e.scores.values(), default=1.0) or 1.0
+        for lab, s in e.scores.items():
+            bars.add_row(lab, f"{s:.3f}", "█" * max(1, round(30 * s / top)))
+        console.print(bars)
+        nb = Table("rank", "label", "similarity", "weight", "contribution", "id")
+        for n in e.neighbors:
+            nb.add_row(str(n.rank + 1), n.label, f"{n.similarity:.3f}", f"{n.weight:g}", f"{n.contribution:.3f}", n.id[:16])
+        console.print(nb)
+    if html is not None:
+        e.save_html(html)
+        console.print(f"wrote {html}")

@@ -1,0 +1,174 @@
+"""Neighbour files in the paper authors' JSON format, both ways.
+
+The authors published their retrieval results as one JSON object per query
+(PAPER.md, "Interchange format")::
+
+    {"featurizer": "dinov2_vitl14", "image_id": "...", "image_class": "...",
+     "neighbor_image_ids": [...], "neighbor_classes": [...], "neighbor_distances": [...]}
+
+`export_neighbors` writes our neighbours that way (a JSON object keyed by
+query id, so their notebooks can ``pd.read_json(..., orient="index")`` it);
+`import_neighbors` reads such a file (that form, a list of objects, or JSON
+Lines) and `evaluate_neighbors` scores the four votes on it, so their
+neighbour files run through our voting and our files through their analysis.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional, Sequence
+
+import numpy as np
+
+from . import vote as voting
+from .errors import VisualMemoryError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .memory import Memory
+
+FIELDS = ("featurizer", "image_id", "image_class", "neighbor_image_ids", "neighbor_classes", "neighbor_distances")
+
+
+def export_neighbors(
+    mem: "Memory",
+    queries: np.ndarray,
+    *,
+    query_ids: Sequence[str],
+    query_labels: Optional[Sequence[Optional[str]]] = None,
+    k: int = 100,
+    featurizer: Optional[str] = None,
+    path: Optional[str | os.PathLike] = None,
+) -> dict[str, dict]:
+    """The k nearest records of each query, in the authors' format.
+
+    Parameters
+    ----------
+    mem : Memory
+    queries : float array of shape (n, dim)
+        Query embeddings (from the memory's encoder).
+    query_ids : sequence of str, length n
+        Unique ids (e.g. file names); the keys of the output.
+    query_labels : sequence of str or None, optional
+        True classes (``image_class``; null when unknown).
+    k : int, default 100
+    featurizer : str, optional
+        Default: the memory's encoder name.
+    path : path, optional
+        Also write the result there as JSON.
+
+    Returns
+    -------
+    dict query id -> record with the six fields; distances are ``1 - cosine``.
+    """
+    mem._check_k(k)
+    ids = [str(i) for i in query_ids]
+    n = len(np.atleast_2d(queries))
+    if len(ids) != n:
+        raise ValueError(f"got {n} queries but {len(ids)} query ids")
+    if len(set(ids)) != len(ids):
+        dup = sorted({i for i in ids if ids.count(i) > 1})[:3]
+        raise ValueError(f"query ids must be unique (repeated: {dup})")
+    if query_labels is not None and len(query_labels) != n:
+        raise ValueError(f"got {n} queries but {len(query_labels)} labels")
+    feat = featurizer or mem.info()["encoder"]
+    sims, rows = mem._search(queries, k, False, {})
+    out = {}
+    for q, qid in enumerate(ids):
+        present = rows[q] >= 0
+        r = rows[q][present]
+        out[qid] = {
+            "featurizer": feat,
+            "image_id": qid,
+            "image_class": None if query_labels is None else query_labels[q],
+            "neighbor_image_ids": [mem._ids[i] for i in r],
+            "neighbor_classes": [mem._labels[mem._codes[i]] for i in r],
+            "neighbor_distances": [float(1.0 - s) for s in sims[q][present]],
+        }
+    if path is not None:
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps(out) + "\n")
+    return out
+
+
+def import_neighbors(path: str | os.PathLike) -> list[dict]:
+    """Read and validate a neighbour file in the authors' format.
+
+    Accepts a JSON object keyed by query id, a JSON list of records, or JSON
+    Lines (one record per line).
+
+    Returns
+    -------
+    list of dict (one per query), each with the six fields.
+
+    Raises
+    ------
+    VisualMemoryError
+        Naming the file, the query and the field that is missing or malformed.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: no such neighbour file")
+    text = p.read_text()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        try:
+            data = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError as exc:
+            raise VisualMemoryError(f"{p}: neither JSON nor JSON Lines ({exc})") from None
+    records = list(data.values()) if isinstance(data, dict) and "image_id" not in data else data if isinstance(data, list) else [data]
+    if not records:
+        raise VisualMemoryError(f"{p}: no queries in the file")
+    for i, rec in enumerate(records):
+        where = f"{p}: query {rec.get('image_id', i)!r}" if isinstance(rec, dict) else f"{p}: entry {i}"
+        if not isinstance(rec, dict):
+            raise VisualMemoryError(f"{where} is not a JSON object")
+        missing = [f for f in FIELDS if f not in rec]
+        if missing:
+            raise VisualMemoryError(f"{where} lacks field(s) {missing}; the format needs {list(FIELDS)}")
+        lens = {f: len(rec[f]) for f in FIELDS[3:] if isinstance(rec[f], list)}
+        if len(lens) != 3 or len(set(lens.values())) != 1:
+            raise VisualMemoryError(f"{where}: neighbor_image_ids, neighbor_classes and neighbor_distances must be lists of equal length; got {lens}")
+        d = np.asarray(rec["neighbor_distances"], dtype=np.float64)
+        if not np.isfinite(d).all() or (len(d) > 1 and (np.diff(d) < -1e-6).any()):
+            raise VisualMemoryError(f"{where}: neighbor_distances must be finite and ascending (nearest first)")
+    return records
+
+
+def evaluate_neighbors(records: Sequence[dict], *, ks: Sequence[int] = (1, 10, 50, 100), votes: Sequence[str] = voting.VOTES,
+                       vote_params: Optional[dict[str, dict]] = None) -> dict:
+    """Top-1 accuracy of each vote at each k on neighbour records (ours or the authors').
+
+    Queries without ``image_class`` are skipped. A k larger than a query's
+    neighbour list uses all it has.
+
+    Returns
+    -------
+    dict with n_queries, featurizer(s) and accuracy[vote][k].
+    """
+    recs = [r for r in records if r.get("image_class") is not None]
+    if not recs:
+        raise VisualMemoryError("no query has an image_class to score against")
+    K = max(len(r["neighbor_classes"]) for r in recs)
+    ks = sorted({min(int(k), K) for k in ks if int(k) >= 1})
+    if not ks:
+        raise ValueError("ks must hold positive integers")
+    names = sorted({str(c) for r in recs for c in r["neighbor_classes"]} | {str(r["image_class"]) for r in recs})
+    code = {c: i for i, c in enumerate(names)}
+    n = len(recs)
+    codes = np.full((n, K), -1, dtype=np.int64)
+    sims = np.full((n, K), -np.inf)
+    for q, r in enumerate(recs):
+        m = len(r["neighbor_classes"])
+        codes[q, :m] = [code[str(c)] for c in r["neighbor_classes"]]
+        sims[q, :m] = 1.0 - np.asarray(r["neighbor_distances"], dtype=np.float64)
+    y = np.array([code[str(r["image_class"])] for r in recs])
+    acc = {}
+    for v in votes:
+        contrib = voting.neighbor_weights(sims, v, **(vote_params or {}).get(v, {}))
+        pred = voting.predict_every_k(codes, contrib, len(names), ks)
+        acc[v] = {k: float((pred[:, i] == y).mean()) for i, k in enumerate(ks)}
+    return {"n_queries": n, "featurizer": sorted({str(r["featurizer"]) for r in recs}), "accuracy": acc}

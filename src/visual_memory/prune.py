@@ -1,0 +1,632 @@
+"""Reliability of records from their leave-one-out neighbours; pruning; label issues.
+
+The memory is queried against itself with each record's own match removed
+(PAPER.md, "Memory pruning"). From those self-neighbours, per record:
+
+- ``wrong``: how often it is among the top-k neighbours of a record with a
+  *different* label (it would have voted wrongly), ``right`` likewise for the
+  same label;
+- ``agreement``: the share of its own top-k neighbours that share its label.
+
+Pruning turns ``wrong`` into vote weights through `Memory.reweight` (audited,
+reversible): hard pruning gives weight 0 to records with ``wrong >=
+threshold``; soft pruning gives ``min(1, c / (1 + wrong))`` over the top 10
+(c = 1.75 as in the paper, so records never wrong keep weight 1). Soft-rank
+voting is then the ordinary rank vote with those weights.
+
+Self-neighbours are cached in ``MEMORY/cache/`` keyed by the exact set of
+alive records (a relabel or reweight keeps the cache; an add or remove drops
+it). The cache holds only row positions and similarities: no ids, no vectors,
+so erasing a record leaves nothing of it there.
+
+The array functions (`exact_self_neighbors`, `neighbor_counts`,
+`soft_weights`, `mislabel_scores`) are pure and are what the evaluations use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional, Sequence
+
+import numpy as np
+
+from . import vote as voting
+from .errors import VisualMemoryError
+from .progress import progress_bar
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .memory import Memory
+
+log = logging.getLogger(__name__)
+
+SOFT_C = 1.75  # the paper's soft-pruning constant
+SOFT_K = 10  # soft pruning counts over the top 10 neighbours (paper)
+HARD_K = 100
+CACHE_DIR = "cache"
+_CACHE_PREFIX = "self-neighbors-"
+BATCH = 2048  # queries per exact search: a (2048 x n) similarity block at a time
+
+
+# -- pure array functions ---------------------------------------------------------------
+
+
+def drop_self(sims: np.ndarray, nbrs: np.ndarray, own: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Remove each query's own entry from k+1 neighbour lists, keeping order.
+
+    Parameters
+    ----------
+    sims, nbrs : arrays of shape (n, k + 1), nearest first
+    own : int array of shape (n,), each query's own id in ``nbrs``' id space
+    k : int
+
+    Returns
+    -------
+    sims : float32 (n, k), nbrs : int64 (n, k). Where the record itself was
+    not retrieved (an exact duplicate can outrank it on ties), the last column
+    is dropped instead.
+    """
+    is_self = nbrs == own[:, None]
+    missing = ~is_self.any(axis=1)
+    is_self[missing, -1] = True
+    order = np.argsort(is_self, axis=1, kind="stable")[:, :k]
+    return (np.take_along_axis(sims, order, axis=1).astype(np.float32, copy=False),
+            np.take_along_axis(nbrs, order, axis=1).astype(np.int64, copy=False))
+
+
+def exact_self_neighbors(
+    vectors: np.ndarray, k: int, *, batch_size: int = BATCH, progress: bool | str = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact k nearest neighbours of every vector among the others (inner product).
+
+    Parameters
+    ----------
+    vectors : float32 array of shape (n, d), L2-normalised
+    k : int
+        Neighbours per vector (capped at n - 1).
+    batch_size : int, default 2048
+    progress : bool or str
+
+    Returns
+    -------
+    sims : float32 array of shape (n, k), descending
+    nbrs : int64 array of shape (n, k), positions into ``vectors``
+    """
+    import faiss
+
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    n = len(x)
+    index = faiss.IndexFlatIP(x.shape[1])
+    index.add(x)
+    return _batched(lambda q, kk: index.search(q, kk), lambda lo, hi: x[lo:hi], np.arange(n), n, k, batch_size, progress)
+
+
+def _batched(search, queries_of, own_positions, n, k, batch_size, progress, map_rows=None):
+    k = min(int(k), max(n - 1, 0))
+    sims = np.full((len(own_positions), k), -np.inf, dtype=np.float32)
+    nbrs = np.full((len(own_positions), k), -1, dtype=np.int64)
+    if k == 0:
+        return sims, nbrs
+    with progress_bar(progress, total=len(own_positions), unit="rec") as bar:
+        for lo in range(0, len(own_positions), batch_size):
+            hi = min(lo + batch_size, len(own_positions))
+            s, r = search(queries_of(lo, hi), k + 1)
+            if map_rows is not None:
+                r = map_rows(r)
+            sims[lo:hi], nbrs[lo:hi] = drop_self(s, r, own_positions[lo:hi], k)
+            bar.advance(hi - lo)
+    return sims, nbrs
+
+
+def neighbor_counts(codes: np.ndarray, nbrs: np.ndarray, k: Optional[int] = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-record ``wrong``, ``right`` and ``agreement`` from self-neighbours.
+
+    Parameters
+    ----------
+    codes : int array of shape (n,)
+        Label code of each record.
+    nbrs : int array of shape (n, K)
+        Self-neighbours (positions into ``codes``), nearest first; -1 = none.
+    k : int, optional
+        Count over the top ``k`` only (default all K).
+
+    Returns
+    -------
+    wrong : int64 (n,)
+        Times the record is among the top-k neighbours of a record with another label.
+    right : int64 (n,)
+        Times it is among the top-k of a record with its own label.
+    agreement : float64 (n,)
+        Share of its own top-k neighbours that carry its label (1 when it has none).
+
+    >>> codes = np.array([0, 0, 1])
+    >>> nbrs = np.array([[1], [2], [1]])      # 0->1, 1->2, 2->1
+    >>> [a.tolist() for a in neighbor_counts(codes, nbrs)]
+    [[0, 1, 1], [0, 1, 0], [1.0, 0.0, 0.0]]
+    """
+    codes = np.asarray(codes, dtype=np.int64)
+    nb = np.asarray(nbrs, dtype=np.int64)[:, : (k or nbrs.shape[1])]
+    n = len(codes)
+    valid = nb >= 0
+    same = valid & (codes[np.where(valid, nb, 0)] == codes[:, None])
+    diff = valid & ~same
+    wrong = np.bincount(nb[diff], minlength=n).astype(np.int64)
+    right = np.bincount(nb[same], minlength=n).astype(np.int64)
+    have = valid.sum(axis=1)
+    agreement = np.where(have > 0, same.sum(axis=1) / np.maximum(have, 1), 1.0)
+    return wrong, right, agreement
+
+
+def soft_weights(wrong: np.ndarray, c: float = SOFT_C) -> np.ndarray:
+    """Soft-pruning weights ``min(1, c / (1 + wrong))`` (records never wrong keep 1).
+
+    >>> soft_weights(np.array([0, 1, 2, 6])).round(3).tolist()
+    [1.0, 0.875, 0.583, 0.25]
+    """
+    if not (np.isfinite(c) and c > 0):
+        raise ValueError(f"soft-pruning constant c must be a positive finite number; got {c}")
+    return np.minimum(1.0, c / (1.0 + np.asarray(wrong, dtype=np.float64)))
+
+
+def mislabel_scores(
+    codes: np.ndarray, nbrs: np.ndarray, sims: np.ndarray, n_labels: int, *, k: int = SOFT_K, alpha: float = 2.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """How likely each record's label is wrong, from its own neighbours' rank vote.
+
+    Parameters
+    ----------
+    codes : int array (n,); nbrs, sims : arrays (n, K) of self-neighbours
+    n_labels : int
+    k : int, default 10
+        Neighbours that vote.
+    alpha : float, default 2
+        Rank-vote offset.
+
+    Returns
+    -------
+    score : float64 (n,)
+        1 - the share of the rank vote that goes to the record's own label
+        (0 = its neighbours all agree with it, 1 = none does).
+    suggested : int64 (n,)
+        The label code the neighbours vote for (-1 if it has no neighbours).
+    """
+    codes = np.asarray(codes, dtype=np.int64)
+    nb = np.asarray(nbrs, dtype=np.int64)[:, :k]
+    s = np.asarray(sims)[:, :k]
+    ncodes = np.where(nb >= 0, codes[np.where(nb >= 0, nb, 0)], -1)
+    w = voting.neighbor_weights(np.where(nb >= 0, s, -np.inf), "rank", alpha=alpha)
+    winners, totals = voting.tally(ncodes, w, n_labels)
+    tot = totals.sum(axis=1)
+    own = totals[np.arange(len(codes)), codes]
+    score = np.where(tot > 0, 1.0 - own / np.where(tot > 0, tot, 1.0), 0.0)
+    return score, winners
+
+
+# -- memory-level -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SelfNeighbors:
+    """The memory queried against itself, self-matches removed.
+
+    Attributes
+    ----------
+    rows : int64 array of shape (n,)
+        Index rows of the alive records, in store order; position ``i`` of
+        every other array refers to record ``rows[i]``.
+    nbrs : int64 array of shape (n, k)
+        Each record's neighbours as positions into ``rows``, nearest first (-1 = none).
+    sims : float32 array of shape (n, k)
+        Their cosine similarities.
+    version : int
+        Memory version they were computed at.
+    """
+
+    rows: np.ndarray
+    nbrs: np.ndarray
+    sims: np.ndarray
+    version: int
+
+    @property
+    def k(self) -> int:
+        return int(self.nbrs.shape[1])
+
+    def top(self, k: int) -> "SelfNeighbors":
+        """The first ``k`` neighbours only."""
+        return SelfNeighbors(self.rows, self.nbrs[:, :k], self.sims[:, :k], self.version)
+
+
+def _alive_key(mem: "Memory", rows: np.ndarray) -> str:
+    h = hashlib.sha256(mem._index.factory.encode())
+    for r in rows:
+        h.update(mem._ids[r].encode())
+        h.update(b"\0")
+    return h.hexdigest()[:32]
+
+
+def self_neighbors(mem: "Memory", *, k: int = HARD_K, progress: bool | str = False, cache: bool = True) -> SelfNeighbors:
+    """Exact self-neighbours of every record (self-match removed), cached.
+
+    Parameters
+    ----------
+    mem : Memory
+    k : int, default 100
+        Neighbours per record (capped at ``len(mem) - 1``).
+    progress : bool or str
+        Show a progress bar over the records.
+    cache : bool, default True
+        Read and write ``MEMORY/cache/self-neighbors-<key>.npz``; the key is a
+        hash of the alive record ids, so any add or remove invalidates it and a
+        relabel or reweight does not. A cached result with a larger k serves
+        smaller ones.
+
+    Returns
+    -------
+    SelfNeighbors
+
+    Notes
+    -----
+    Search is exact whatever the memory's index: a Flat index is searched in
+    place in batches of 2,048 queries (vectors read back from it); any other
+    index is copied into a temporary exact one first, because pruning decisions
+    must not depend on an approximate search's misses.
+    """
+    mem._check_k(k)
+    mem._sync()
+    rows = np.flatnonzero(mem._index._alive).astype(np.int64)
+    n = len(rows)
+    want = min(int(k), max(n - 1, 0))
+    path = None
+    if cache:
+        key = _alive_key(mem, rows)
+        path = mem.path / CACHE_DIR / f"{_CACHE_PREFIX}{key}.npz"
+        hit = _load_cache(path, n, want)
+        if hit is not None:
+            return SelfNeighbors(rows, hit[0][:, :want], hit[1][:, :want], mem.version)
+    sims, nbrs = _search_rows(mem, rows, np.arange(n), want, progress)
+    if path is not None:
+        _save_cache(path, nbrs, sims)
+    return SelfNeighbors(rows, nbrs, sims, mem.version)
+
+
+def _search_rows(mem: "Memory", rows: np.ndarray, positions: np.ndarray, k: int, progress) -> tuple[np.ndarray, np.ndarray]:
+    """Exact self-neighbours of the records at ``positions`` (into ``rows``), as positions into ``rows``."""
+    ix = mem._index
+    n = len(rows)
+    if not ix.is_exact:
+        vectors = ix.reconstruct(rows)
+        if len(positions) == n:
+            return exact_self_neighbors(vectors, k, progress=progress)
+        import faiss
+
+        flat = faiss.IndexFlatIP(vectors.shape[1])
+        flat.add(vectors)
+        return _batched(lambda q, kk: flat.search(q, kk), lambda lo, hi: vectors[positions[lo:hi]], positions, n, k, BATCH, progress)
+    pos_of_row = np.full(ix.ntotal, -1, dtype=np.int64)
+    pos_of_row[rows] = np.arange(n)
+    return _batched(
+        lambda q, kk: ix.search(q, kk),
+        lambda lo, hi: ix.reconstruct(rows[positions[lo:hi]]),
+        positions, n, k, BATCH, progress,
+        map_rows=lambda r: np.where(r >= 0, pos_of_row[np.maximum(r, 0)], -1),
+    )
+
+
+def _load_cache(path: Path, n: int, k: int) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path) as z:
+            nbrs, sims = z["nbrs"], z["sims"]
+    except Exception:  # a torn or foreign file is a cache miss
+        return None
+    if nbrs.shape[0] != n or nbrs.shape[1] < k:
+        return None
+    return nbrs, sims
+
+
+def _save_cache(path: Path, nbrs: np.ndarray, sims: np.ndarray) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for old in path.parent.glob(f"{_CACHE_PREFIX}*.npz"):
+            if old != path:
+                old.unlink(missing_ok=True)
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez(tmp, nbrs=nbrs, sims=sims)
+        os.replace(tmp, path)
+    except OSError as exc:  # a read-only memory still answers, it just cannot remember
+        log.info("self-neighbour cache not written (%s)", exc)
+
+
+def clear_cache(mem: "Memory") -> int:
+    """Delete cached self-neighbours (e.g. after `forget`). Returns files removed."""
+    d = mem.path / CACHE_DIR
+    files = list(d.glob(f"{_CACHE_PREFIX}*")) if d.is_dir() else []
+    for f in files:
+        f.unlink(missing_ok=True)
+    return len(files)
+
+
+@dataclass
+class Reliability:
+    """Per-record evidence from self-neighbours (arrays aligned with ``ids``)."""
+
+    ids: list[str]
+    labels: list[str]
+    wrong: np.ndarray
+    right: np.ndarray
+    agreement: np.ndarray
+    k: int
+    version: int
+
+    def to_dict(self) -> dict:
+        return {
+            "k": self.k,
+            "version": self.version,
+            "records": [
+                {"id": i, "label": lab, "wrong": int(w), "right": int(r), "agreement": float(a)}
+                for i, lab, w, r, a in zip(self.ids, self.labels, self.wrong, self.right, self.agreement)
+            ],
+        }
+
+
+def reliability(mem: "Memory", *, k: int = SOFT_K, progress: bool | str = False) -> Reliability:
+    """``wrong``, ``right`` and ``agreement`` for every record, over the top ``k`` self-neighbours."""
+    sn = self_neighbors(mem, k=max(k, 1), progress=progress)
+    codes = mem._codes[sn.rows]
+    wrong, right, agreement = neighbor_counts(codes, sn.nbrs, k)
+    return Reliability([mem._ids[r] for r in sn.rows], [mem._labels[c] for c in codes], wrong, right, agreement, k, sn.version)
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    """What `prune` did.
+
+    ``changed`` records got a new weight at ``version`` (``version_before`` is
+    the version undo restores weights from); ``pruned`` of them now have
+    weight 0 (hard) or below 1 (soft).
+    """
+
+    version: int
+    mode: str
+    changed: int
+    pruned: int
+    version_before: int
+    params: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"version": self.version, "mode": self.mode, "changed": self.changed, "pruned": self.pruned,
+                "version_before": self.version_before, **self.params}
+
+
+def prune(
+    mem: "Memory",
+    *,
+    mode: str = "soft",
+    threshold: Optional[int] = None,
+    k: Optional[int] = None,
+    c: float = SOFT_C,
+    progress: bool | str = False,
+    lock_timeout: float = 0.0,
+) -> PruneResult:
+    """Lower the vote weight of records that mislead their neighbours.
+
+    Parameters
+    ----------
+    mem : Memory
+    mode : {"soft", "hard", "undo"}, default "soft"
+        ``"hard"``: weight 0 for records with ``wrong >= threshold`` (they stop
+        voting but stay inspectable). ``"soft"``: weight ``min(1, c / (1 +
+        wrong))``. ``"undo"``: give back every record the weight it had before
+        the most recent prune that is not yet undone (records edited since keep
+        their newer weight).
+    threshold : int
+        Required for hard pruning; >= 1.
+    k : int, optional
+        Neighbours counted per record: default 10 (soft, as in the paper), 100 (hard).
+    c : float, default 1.75
+        Soft-pruning constant.
+    lock_timeout : float, default 0
+        Seconds to wait for another writer.
+
+    Returns
+    -------
+    PruneResult
+
+    Every weight is computed from the same self-neighbours whatever the
+    current weights are, so pruning twice gives the same weights (not
+    compounded). Weights change through `Memory.reweight`, so the change is one
+    audited version; a second audit line (op ``"prune"``) records the mode,
+    parameters and the version to restore from.
+    """
+    if mode not in ("soft", "hard", "undo"):
+        raise ValueError(f"mode must be 'soft', 'hard' or 'undo'; got {mode!r}")
+    if mode == "undo":
+        return _undo(mem, lock_timeout=lock_timeout)
+    if mode == "hard":
+        if threshold is None or isinstance(threshold, bool) or not isinstance(threshold, (int, np.integer)) or threshold < 1:
+            raise ValueError(f"hard pruning needs an integer threshold >= 1 (records with wrong >= threshold stop voting); got {threshold!r}")
+    elif threshold is not None:
+        raise ValueError("threshold applies to hard pruning only; soft pruning weights every record by c / (1 + wrong)")
+    if mode == "soft":
+        soft_weights(np.zeros(1), c)  # validates c before any work
+    k = int(k if k is not None else (SOFT_K if mode == "soft" else HARD_K))
+    mem._check_k(k)
+    rel = reliability(mem, k=k, progress=progress)
+    new = (np.where(rel.wrong >= threshold, 0.0, 1.0) if mode == "hard" else soft_weights(rel.wrong, c)).astype(np.float32)
+    params = {"k": k, "threshold": threshold} if mode == "hard" else {"k": k, "c": float(c)}
+    return _apply(mem, rel.ids, new, mode=mode, params=params, lock_timeout=lock_timeout)
+
+
+def _apply(mem: "Memory", ids: list[str], new: np.ndarray, *, mode: str, params: dict, lock_timeout: float,
+           undoes: Optional[int] = None) -> PruneResult:
+    with mem._store.writing(timeout=lock_timeout):
+        mem._sync()
+        rows = np.array([mem._row_of[i] for i in ids], dtype=np.int64)
+        current = mem._weights[rows]
+        change = np.flatnonzero(~np.isclose(current, new, rtol=0, atol=1e-7))
+        before = mem.version
+        if len(change):
+            mem.reweight([ids[i] for i in change], [float(new[i]) for i in change])
+        pruned = int((new == 0).sum() if mode == "hard" else (new < 1).sum())
+        extra = {"undoes": undoes} if undoes is not None else {}
+        mem._store.audit("prune", mode=mode, changed=int(len(change)), pruned=pruned, version_before=before,
+                         version_after=mem.version, **params, **extra)
+        return PruneResult(mem.version, mode, int(len(change)), pruned, before, params)
+
+
+def _undo(mem: "Memory", *, lock_timeout: float) -> PruneResult:
+    from .store import Store
+
+    entries = [e for e in mem.history() if e.get("op") == "prune"]
+    undone = {e.get("undoes") for e in entries if e.get("mode") == "undo"}
+    todo = [e for e in entries if e.get("mode") != "undo" and e.get("version_after") not in undone and e.get("changed")]
+    if not todo:
+        raise VisualMemoryError(f"{mem.path}: no prune to undo (every prune in the audit log is undone or changed nothing)")
+    last = todo[-1]
+    try:
+        old = Store.open(mem.path, version=int(last["version_before"]))
+        pruned_at = Store.open(mem.path, version=int(last["version_after"]))
+    except VisualMemoryError as exc:
+        raise VisualMemoryError(
+            f"{mem.path}: cannot undo the prune at version {last['version_after']}: an earlier version it needs "
+            f"is gone ({exc}); `forget` erases old versions. Reset weights with `reweight` instead."
+        ) from exc
+    w_old = _weights_by_id(old)
+    w_pruned = _weights_by_id(pruned_at)
+    ids, weights = [], []
+    for rid, w in w_pruned.items():
+        if rid in mem and rid in w_old and w_old[rid] != w and np.isclose(mem._weights[mem._row_of[rid]], w, atol=1e-7):
+            ids.append(rid)
+            weights.append(w_old[rid])
+    return _apply(mem, ids, np.array(weights, dtype=np.float32), mode="undo", params={},
+                  lock_timeout=lock_timeout, undoes=last["version_after"])
+
+
+def _weights_by_id(store) -> dict[str, float]:
+    t = store.read_columns(["id", "weight"])
+    return dict(zip(t.column("id").to_pylist(), t.column("weight").to_numpy(zero_copy_only=False).tolist()))
+
+
+# -- label issues ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LabelIssue:
+    """A record whose label its own neighbours dispute.
+
+    ``score`` = 1 - the share of its neighbours' rank vote that backs its label;
+    ``neighbors`` = (id, label, similarity) of the neighbours that voted.
+    """
+
+    id: str
+    label: str
+    suggested: Optional[str]
+    score: float
+    wrong: int
+    neighbors: list[tuple[str, str, float]]
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "label": self.label, "suggested": self.suggested, "score": self.score, "wrong": self.wrong,
+                "neighbors": [{"id": i, "label": lab, "similarity": s} for i, lab, s in self.neighbors]}
+
+
+def label_issues(mem: "Memory", *, k: int = SOFT_K, limit: Optional[int] = 20, min_score: float = 0.5,
+                 progress: bool | str = False) -> list[LabelIssue]:
+    """Records most likely mislabelled, most suspicious first.
+
+    Parameters
+    ----------
+    mem : Memory
+    k : int, default 10
+        Self-neighbours that vote on each record's label.
+    limit : int or None, default 20
+        Return at most this many (None: all above ``min_score``).
+    min_score : float, default 0.5
+        Only records whose neighbours give their label less than half the vote.
+
+    Returns
+    -------
+    list of LabelIssue, sorted by score, then by ``wrong`` (times the record
+    misled a neighbour), both descending.
+    """
+    mem._check_k(k)
+    if limit is not None and (isinstance(limit, bool) or limit < 0):
+        raise ValueError(f"limit must be >= 0 or None; got {limit!r}")
+    sn = self_neighbors(mem, k=k, progress=progress).top(k)
+    codes = mem._codes[sn.rows]
+    score, suggested = mislabel_scores(codes, sn.nbrs, sn.sims, len(mem._labels), k=k)
+    wrong, _, _ = neighbor_counts(codes, sn.nbrs, k)
+    order = np.lexsort((-wrong, -score))
+    order = order[score[order] >= min_score]
+    if limit is not None:
+        order = order[:limit]
+    out = []
+    for i in order:
+        nb = [(mem._ids[sn.rows[j]], mem._labels[codes[j]], float(s)) for j, s in zip(sn.nbrs[i], sn.sims[i]) if j >= 0]
+        sug = mem._labels[suggested[i]] if suggested[i] >= 0 else None
+        out.append(LabelIssue(mem._ids[sn.rows[i]], mem._labels[codes[i]], sug, float(score[i]), int(wrong[i]), nb))
+    return out
+
+
+class KNNLabelIssues:
+    """scikit-learn-style finder of label issues in a labelled embedding set.
+
+    Parameters
+    ----------
+    n_neighbors : int, default 10
+    alpha : float, default 2
+        Rank-vote offset.
+
+    Attributes (after `fit`)
+    ------------------------
+    scores_ : float64 array of shape (n_samples,)
+        1 - share of the neighbours' rank vote backing each sample's label.
+    suggested_labels_ : object array of shape (n_samples,)
+    ranking_ : int64 array, sample indices, most suspicious first
+    wrong_ : int64 array, times each sample misled a neighbour
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> X = np.array([[1, 0], [0.99, 0.1], [0.98, -0.1], [0, 1], [0.1, 0.99], [-0.1, 0.98]])
+    >>> y = ["a", "a", "b", "b", "b", "b"]        # sample 2 sits among the a's
+    >>> int(KNNLabelIssues(n_neighbors=2).fit(X, y).ranking_[0])
+    2
+    """
+
+    def __init__(self, n_neighbors: int = SOFT_K, *, alpha: float = 2.0) -> None:
+        self.n_neighbors = n_neighbors
+        self.alpha = alpha
+
+    def fit(self, X, y: Sequence) -> "KNNLabelIssues":
+        from .index import as_queries
+
+        X = np.asarray(X)
+        if X.ndim != 2:
+            raise ValueError(f"X must have shape (n_samples, n_features); got {X.shape}")
+        x = as_queries(X, X.shape[1], what="X")
+        y = np.asarray(list(y), dtype=object)
+        if len(y) != len(x):
+            raise ValueError(f"X has {len(x)} samples but y has {len(y)} labels")
+        if isinstance(self.n_neighbors, bool) or int(self.n_neighbors) < 1:
+            raise ValueError(f"n_neighbors must be >= 1; got {self.n_neighbors!r}")
+        classes, codes = np.unique(y.astype(str), return_inverse=True)
+        sims, nbrs = exact_self_neighbors(x, int(self.n_neighbors))
+        self.scores_, sug = mislabel_scores(codes, nbrs, sims, len(classes), k=int(self.n_neighbors), alpha=self.alpha)
+        self.wrong_ = neighbor_counts(codes, nbrs)[0]
+        self.suggested_labels_ = np.where(sug >= 0, classes[np.maximum(sug, 0)], None).astype(object)
+        self.ranking_ = np.lexsort((-self.wrong_, -self.scores_))
+        self.classes_ = classes
+        return self
+
+    def find(self, n: Optional[int] = None) -> np.ndarray:
+        """Indices of the ``n`` most suspicious samples (default: those scoring >= 0.5)."""
+        if not hasattr(self, "ranking_"):
+            raise VisualMemoryError("call fit(X, y) first")
+        if n is None:
+            return self.ranking_[self.scores_[self.ranking_] >= 0.5]
+        return self.ranking_[: int(n)]

@@ -1,0 +1,122 @@
+"""One `Memory` per server process, shared safely between request threads.
+
+`Memory` is not thread-safe: a mutation updates the store and several in-RAM
+arrays one after another. The server therefore guards it with a
+readers-writer lock: any number of classify/browse requests run together,
+a mutation runs alone, and a reader sees the memory either wholly before or
+wholly after a mutation, never half-way. The expensive part of a classify,
+embedding the uploaded image, happens *outside* the lock, so readers queue
+behind a writer only for the search itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from typing import Iterator
+
+import numpy as np
+
+from ..images import load_image
+from ..memory import Memory
+
+
+class RWLock:
+    """Many readers or one writer. A waiting writer stops new readers from
+    entering, so a steady stream of classify requests cannot starve edits."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer or self._writers_waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if self._readers == 0:
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            self._writers_waiting += 1
+            try:
+                while self._writer or self._readers:
+                    self._cond.wait()
+            finally:
+                self._writers_waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+class MemoryService:
+    """The served memory plus its lock.
+
+    Parameters
+    ----------
+    memory : Memory
+    refresh_every : float, default 1.0
+        Seconds between checks for versions committed by *other* processes
+        (e.g. `vismem add` while the server runs); a changed version is
+        loaded under the write lock before the next read.
+    """
+
+    def __init__(self, memory: Memory, *, refresh_every: float = 1.0) -> None:
+        self.memory = memory
+        self.lock = RWLock()
+        self._refresh_every = refresh_every
+        self._checked = time.monotonic()
+        self._check_mutex = threading.Lock()
+
+    def _maybe_refresh(self) -> None:
+        # The check itself touches the shared Lance dataset object, which must
+        # not be used while a write moves it (pylance raises "Already mutably
+        # borrowed"), so it runs under the write lock: once per interval,
+        # by whichever request first notices the interval has passed.
+        with self._check_mutex:
+            now = time.monotonic()
+            if now - self._checked < self._refresh_every:
+                return
+            self._checked = now
+        with self.lock.write():
+            mem = self.memory
+            if mem._store.latest_version() != mem.version:
+                mem.refresh()
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[Memory]:
+        self._maybe_refresh()
+        with self.lock.read():
+            yield self.memory
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[Memory]:
+        with self.lock.write():
+            yield self.memory
+
+    def embed(self, data: bytes):
+        """Decode and embed one uploaded image, outside any lock.
+
+        Returns
+        -------
+        vector : float32 array of shape (1, dim)
+        loaded : LoadedImage (for the content hash and a thumbnail)
+        """
+        loaded = load_image(data)
+        vec = self.memory.encoder.embed(loaded.image)
+        return np.asarray(vec, np.float32), loaded

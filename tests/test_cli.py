@@ -1,0 +1,89 @@
+"""The `vismem` CLI end to end on real images (typer's runner, same process)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from typer.testing import CliRunner
+
+from visual_memory.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    result = runner.invoke(app, [str(a) for a in args])
+    return result
+
+
+@pytest.fixture
+def image_folder(tmp_path, cifar_small):
+    """A 3-class ImageFolder of 6 real CIFAR-10 train images per class."""
+    root = tmp_path / "folder"
+    for path, label in zip(cifar_small["train_paths"], cifar_small["train_y"]):
+        if label in ("cat", "ship", "truck"):
+            d = root / label
+            d.mkdir(parents=True, exist_ok=True)
+            if len(list(d.iterdir())) < 6:
+                shutil.copy(path, d / path.name)
+    return root
+
+
+def test_create_add_classify_info_eval(tmp_path, image_folder, cifar_root):
+    mem = tmp_path / "m.vm"
+    r = invoke("create", mem)
+    assert r.exit_code == 0, r.output
+    r = invoke("add", mem, image_folder)
+    assert r.exit_code == 0, r.output
+    assert "added 18 record(s)" in r.output
+
+    one = cifar_root / "val" / "ship" / "4500.jpg"
+    r = invoke("add", mem, one, "--label", "ship", "--source", "manual")
+    assert r.exit_code == 0, r.output
+    # the same image again: refused, memory unchanged; --skip-existing skips it
+    r = invoke("add", mem, one, "--label", "ship")
+    assert r.exit_code == 2 and "already in the memory" in r.output
+    r = invoke("add", mem, one, "--label", "ship", "--skip-existing")
+    assert r.exit_code == 0 and "skipped 1" in r.output
+
+    r = invoke("info", mem, "--json")
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.output)
+    assert info["count"] == 19 and info["labels"] == {"ship": 7, "cat": 6, "truck": 6}
+    assert info["encoder"] == "efficientnet-lite0" and info["dim"] == 1280 and info["version"] == 3
+
+    r = invoke("classify", mem, cifar_root / "val" / "ship" / "4501.jpg", "--k", "5", "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert len(out) == 1 and len(out[0]["neighbors"]) == 5
+    assert set(out[0]) >= {"label", "scores", "neighbors", "version"}
+
+    r = invoke("eval", mem, image_folder, "--k", "1,5", "--json", tmp_path / "eval.json")
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "eval.json").read_text())
+    assert res["n_queries"] == 18
+    assert set(res["accuracy"]) == {"plurality", "distance", "softmax", "rank"}
+    assert res["accuracy"]["rank"]["1"] == 1.0  # every query is in memory: its own nearest neighbour
+
+
+def test_cli_errors_are_one_clear_line(tmp_path):
+    r = invoke("info", tmp_path / "nope")
+    assert r.exit_code == 2 and "does not exist" in r.output and "Traceback" not in r.output
+    r = invoke("create", tmp_path / "m", "--encoder", "no-such-encoder")
+    assert r.exit_code == 2 and "unknown encoder 'no-such-encoder'" in r.output
+    assert not (tmp_path / "m" / "manifest.json").exists()
+
+
+def test_demo_runs_on_real_data_and_writes_report(tmp_path, monkeypatch):
+    """The README's main job, small: Fashion-MNIST (Debian package) unless VISMEM_DATA is set."""
+    monkeypatch.delenv("VISMEM_DATA", raising=False)
+    r = invoke("demo", "--out", tmp_path / "demo", "--per-class", "5", "--queries", "3")
+    assert r.exit_code == 0, r.output
+    report = json.loads((tmp_path / "demo" / "report.json").read_text())
+    assert report["dataset"] == "Fashion-MNIST"
+    assert report["memory_images"] == 50 and report["queries"] == 30
+    # 10 classes: chance is 0.10; 5 exemplars/class with a real encoder do far better
+    assert report["accuracy"]["rank"]["1"] > 0.3
+    assert (tmp_path / "demo" / "report.md").read_text().startswith("# visual-memory demo")

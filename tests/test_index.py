@@ -1,0 +1,171 @@
+"""VectorIndex: exact search is brute force; tombstones and compaction keep it so."""
+
+from __future__ import annotations
+
+import doctest
+
+import numpy as np
+import pytest
+
+from visual_memory import index as index_module
+from visual_memory.errors import VectorError
+from visual_memory.index import VectorIndex, as_queries
+
+
+def brute_force(xb: np.ndarray, xq: np.ndarray, k: int, alive: np.ndarray | None = None):
+    """Reference kNN in float64 numpy: (similarities, rows), descending, ties by row."""
+    sims = xq.astype(np.float64) @ xb.astype(np.float64).T
+    if alive is not None:
+        sims[:, ~alive] = -np.inf
+    order = np.lexsort((np.broadcast_to(np.arange(xb.shape[0]), sims.shape), -sims), axis=1)[:, :k]
+    return np.take_along_axis(sims, order, axis=1), order
+
+
+def test_module_doctest():
+    failures, tried = doctest.testmod(index_module)
+    assert tried > 0 and failures == 0
+
+
+def test_exact_search_equals_numpy_brute_force(unit_vectors):
+    xb, xq = unit_vectors(2000, 64, seed=1), unit_vectors(50, 64, seed=2)
+    ix = VectorIndex(64)
+    ix.add(xb[:1200])
+    ix.add(xb[1200:])  # added in two parts: rows continue
+    sims, rows = ix.search(xq, 10)
+    ref_sims, ref_rows = brute_force(xb, xq, 10)
+    assert sims.dtype == np.float32 and rows.dtype == np.int64 and rows.shape == (50, 10)
+    np.testing.assert_array_equal(rows, ref_rows)
+    np.testing.assert_allclose(sims, ref_sims, atol=1e-5)
+    assert (np.diff(sims, axis=1) <= 0).all()
+
+
+def test_k_larger_than_index_pads_with_missing(unit_vectors):
+    ix = VectorIndex(8)
+    ix.add(unit_vectors(3, 8))
+    sims, rows = ix.search(unit_vectors(2, 8, seed=5), 5)
+    assert rows.shape == (2, 5)
+    assert (rows[:, 3:] == -1).all() and np.isneginf(sims[:, 3:]).all()
+    assert sorted(rows[0, :3].tolist()) == [0, 1, 2]
+
+
+def test_empty_index_returns_only_missing():
+    ix = VectorIndex(4)
+    sims, rows = ix.search(np.eye(4, dtype=np.float32)[:2], 3)
+    assert (rows == -1).all() and np.isneginf(sims).all()
+
+
+def test_bad_k_is_refused(unit_vectors):
+    ix = VectorIndex(8)
+    ix.add(unit_vectors(3, 8))
+    with pytest.raises(ValueError, match="k must be >= 1; got 0"):
+        ix.search(unit_vectors(1, 8), 0)
+
+
+def test_tombstones_never_appear_and_results_stay_exact(unit_vectors):
+    xb, xq = unit_vectors(500, 32, seed=3), unit_vectors(40, 32, seed=4)
+    ix = VectorIndex(32)
+    ix.add(xb)
+    # Remove every query's current best hits, so the over-fetch path is exercised.
+    _, top = ix.search(xq, 3)
+    dead = np.unique(top)
+    ix.remove(dead)
+    ix.remove(dead[:5])  # removing twice is harmless
+    assert ix.n_dead == len(dead) and ix.n_alive == 500 - len(dead) and ix.ntotal == 500
+    alive = np.ones(500, dtype=bool)
+    alive[dead] = False
+    sims, rows = ix.search(xq, 10)
+    assert not np.isin(rows, dead).any()
+    ref_sims, ref_rows = brute_force(xb, xq, 10, alive)
+    np.testing.assert_array_equal(rows, ref_rows)
+    np.testing.assert_allclose(sims, ref_sims, atol=1e-5)
+
+
+def test_tombstones_leave_fewer_than_k(unit_vectors):
+    ix = VectorIndex(8)
+    ix.add(unit_vectors(4, 8))
+    ix.remove(np.array([0, 2]))
+    sims, rows = ix.search(unit_vectors(3, 8, seed=9), 4)
+    assert sorted(rows[0, :2].tolist()) == [1, 3]
+    assert (rows[:, 2:] == -1).all() and np.isneginf(sims[:, 2:]).all()
+
+
+def test_compact_drops_tombstones_and_maps_rows(unit_vectors):
+    xb, xq = unit_vectors(300, 16, seed=6), unit_vectors(20, 16, seed=7)
+    ix = VectorIndex(16)
+    ix.add(xb)
+    dead = np.arange(0, 300, 3)
+    ix.remove(dead)
+    before_sims, before_rows = ix.search(xq, 7)
+    old_rows = ix.compact()
+    assert ix.ntotal == ix.n_alive == 200 and ix.n_dead == 0
+    np.testing.assert_array_equal(old_rows, np.setdiff1d(np.arange(300), dead))
+    sims, rows = ix.search(xq, 7)
+    np.testing.assert_array_equal(old_rows[rows], before_rows)
+    np.testing.assert_allclose(sims, before_sims, atol=1e-6)
+    np.testing.assert_array_equal(ix.reconstruct(np.array([0, 1])), xb[old_rows[:2]])
+
+
+def test_reconstruct_returns_the_stored_vectors(unit_vectors):
+    xb = unit_vectors(10, 8)
+    ix = VectorIndex(8)
+    ix.add(xb)
+    np.testing.assert_array_equal(ix.reconstruct(np.array([7, 2])), xb[[7, 2]])
+
+
+@pytest.mark.parametrize("factory, params", [("HNSW32", {"efSearch": 128}), ("IVF8,Flat", {"nprobe": 8})])
+def test_factory_strings_build_working_indexes(unit_vectors, factory, params):
+    xb, xq = unit_vectors(1000, 32, seed=11), unit_vectors(20, 32, seed=12)
+    ix = VectorIndex(32, factory)
+    assert not ix.is_exact
+    ix.add(xb)
+    sims, rows = ix.search(xq, 5, **params)
+    _, ref_rows = brute_force(xb, xq, 5)
+    # With the search parameter at its widest these indexes are (near) exact.
+    recall = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(rows.tolist(), ref_rows.tolist())])
+    assert recall >= 0.95, recall
+    np.testing.assert_allclose(sims, np.einsum("qd,qkd->qk", xq, xb[rows]), atol=1e-5)
+    # Tombstones work for approximate indexes too; reconstruct goes through FAISS.
+    ix.remove(rows[:, 0])
+    assert not np.isin(ix.search(xq, 5, **params)[1], rows[:, 0]).any()
+    np.testing.assert_allclose(ix.reconstruct(np.array([3])), xb[[3]], atol=1e-6)
+    old_rows = ix.compact()
+    assert ix.ntotal == ix.n_alive == len(old_rows) == 1000 - len(np.unique(rows[:, 0]))
+    np.testing.assert_allclose(ix.reconstruct(np.arange(5)), xb[old_rows[:5]], atol=1e-6)
+
+
+def test_bad_factory_string_and_search_parameter():
+    with pytest.raises(ValueError, match="invalid FAISS index factory string 'NoSuchIndex'"):
+        VectorIndex(8, "NoSuchIndex")
+    ix = VectorIndex(8, "HNSW16")
+    ix.add(np.eye(8, dtype=np.float32))
+    with pytest.raises(ValueError, match="has no search parameter 'nprobe'"):
+        ix.search(np.eye(8, dtype=np.float32)[:1], 2, nprobe=4)
+
+
+def test_wrong_dimensions_are_refused_by_the_index(unit_vectors):
+    ix = VectorIndex(8)
+    with pytest.raises(VectorError, match=r"vectors must have shape \(n, 8\) for this index; got \(3, 7\)"):
+        ix.add(unit_vectors(3, 7))
+    with pytest.raises(VectorError, match=r"vectors must have shape \(n, 8\) for this index; got \(8,\)"):
+        ix.add(unit_vectors(1, 8)[0])
+    assert ix.ntotal == 0
+    ix.add(unit_vectors(3, 8))
+    with pytest.raises(VectorError, match=r"queries must have shape \(n, 8\) for this index; got \(2, 16\)"):
+        ix.search(unit_vectors(2, 16), 1)
+    assert ix.ntotal == 3 and ix.n_alive == 3
+
+
+def test_as_queries_validates_and_normalises():
+    q = as_queries(np.array([3.0, 4.0]), 2)
+    assert q.shape == (1, 2) and q.dtype == np.float32 and q.flags.c_contiguous
+    np.testing.assert_allclose(q, [[0.6, 0.8]])
+    with pytest.raises(VectorError, match="dimension 3, but this memory's encoder gives 2-d"):
+        as_queries(np.ones((2, 3)), 2)
+    with pytest.raises(VectorError, match=r"must have shape \(n, 2\); got \(1, 1, 2\)"):
+        as_queries(np.ones((1, 1, 2)), 2)
+    with pytest.raises(VectorError, match="must be floating point; got int64"):
+        as_queries(np.ones((1, 2), dtype=np.int64), 2)
+    with pytest.raises(VectorError, match=r"NaN or infinite values \(rows \[1\]\)"):
+        as_queries(np.array([[1.0, 0.0], [np.nan, 1.0]]), 2)
+    with pytest.raises(VectorError, match=r"all-zero vectors \(rows \[0\]\)"):
+        as_queries(np.zeros((1, 2)), 2, what="vectors")
