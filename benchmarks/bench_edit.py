@@ -27,6 +27,7 @@ import statistics
 import sys
 import tempfile
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -101,6 +102,9 @@ def run_size(n: int, adds: int, root: Path, reps: int) -> dict:
     out["ratio_single_vs_bulk"] = round(out["classify_after_adds"]["single_median_ms"] / out["classify_bulk"]["single_median_ms"], 3)
     out["ratio_batch_vs_bulk"] = round(out["classify_after_adds"]["batch_ms"] / out["classify_bulk"]["batch_ms"], 3)
     out["ratio_reopened_vs_bulk"] = round(out["classify_after_adds_reopened"]["single_median_ms"] / out["classify_bulk"]["single_median_ms"], 3)
+    t, opt = timed(lambda: m2.optimize(cleanup_older_than=timedelta(0)))
+    out["optimize_prune_all_s"] = round(t, 2)
+    out["size_bytes"]["after_adds_optimized"] = opt.bytes_after
     del m2, m3
     shutil.rmtree(root / f"single{n}")
 

@@ -125,7 +125,7 @@ def test_relabel_and_reweight_are_honoured_by_votes_and_persist(mem):
     assert mem.relabel([ids[7]], "wolf").changed == 0  # no change, no version
     assert mem.version == r.version
     # weight 0: still retrieved and inspectable, never votes
-    w = mem.reweight(ids[7], 0.0)
+    assert mem.reweight(ids[7], 0.0).changed == 1
     p = mem.classify(q, k=3)[0]
     assert p.neighbors[0].id == ids[7] and p.neighbors[0].weight == 0.0 and p.neighbors[0].contribution == 0.0
     assert "wolf" not in p.scores
@@ -171,7 +171,7 @@ def test_every_mutation_bumps_version_and_old_versions_read(mem):
 
 
 def test_forget_erases_every_byte_and_receipt_proves_it(mem):
-    ids, x = _ids(60), mem.vectors
+    ids = _ids(60)
     gone = [ids[3], ids[30], ids[31]]
     stored = {r["id"]: r["vector"] for r in mem.get(gone, columns=["id", "vector"])}  # bytes exactly as on disk
     mem.relabel([ids[30]], "moved")  # a relabel leaves an old copy in another fragment
@@ -272,3 +272,34 @@ def test_small_adds_compact_automatically_and_optimize_shrinks(memory_dir, unit_
     reopened = vm.open(memory_dir)
     q = x[1:20]
     assert [_nids(p) for p in reopened.classify(q, k=5)] == [_nids(p) for p in m.classify(q, k=5)]
+
+
+def test_forget_with_approximate_index_drops_vectors_from_ram(memory_dir, unit_vectors):
+    m = vm.create(memory_dir, encoder=None, dim=8, index="HNSW32")
+    x = unit_vectors(200, 8, seed=9)
+    m.add_embeddings(x, labels="a", ids=_ids(200))
+    stored = m.get(_ids(200)[:5], columns=["id", "vector"])
+    r = m.forget(ids=_ids(200)[:5])
+    assert r.verification["ok"] and len(m) == 195 and m._index.ntotal == 195  # rebuilt without them
+    in_ram = m._index.reconstruct(np.arange(m._index.ntotal))
+    assert not any((in_ram == s["vector"]).all(axis=1).any() for s in stored)
+    assert m.classify(x[10], k=1)[0].neighbors[0].id == _ids(200)[10]
+    assert m.remove(ids=_ids(200)[10]).removed == 1  # row addresses still right after the rebuild
+
+
+@pytest.mark.parametrize("n_needles", [3, 40])  # bytes.find path and the window filter
+def test_scan_files_matches_plain_search(tmp_path, n_needles):
+    rng = np.random.default_rng(n_needles)
+    needles = [rng.bytes(int(rng.choice([8, 11, 14, 15, 32, 1536]))) for _ in range(n_needles)]
+    planted = needles[: n_needles // 2 + 1]
+    for k in range(3):
+        data = bytearray(rng.bytes(200_000))
+        for n in planted:
+            pos = int(rng.integers(0, len(data) - len(n)))
+            data[pos : pos + len(n)] = n  # every alignment, some across the 4,096-byte chunk edges
+        (tmp_path / f"f{k}.bin").write_bytes(bytes(data))
+    (tmp_path / "skip.me").write_bytes(b"".join(needles))
+    hits, files, nbytes = erasure.scan_files(tmp_path, needles, exclude={"skip.me"}, chunk_bytes=4096)
+    expected = {(n, f"f{k}.bin") for k in range(3) for n in needles if n in (tmp_path / f"f{k}.bin").read_bytes()}
+    assert set(hits) == expected and files == 3 and nbytes == 600_000
+    assert {n for n, _ in hits} >= set(planted)

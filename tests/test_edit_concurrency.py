@@ -6,7 +6,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 
 import visual_memory as vm
@@ -70,3 +69,22 @@ def test_reader_sees_consistent_version_until_refresh(mem, unit_vectors):
     assert reader.classify(q[2], k=1)[0].label == "changed"
     # the writer's own handle catches up before its next write
     assert mem.remove(ids=["conc-0003"]).version == new_version + 1 and len(mem) == 37
+
+
+FORGET = r"""
+import sys, visual_memory as vm
+r = vm.open(sys.argv[1]).forget(ids=["conc-0007"])
+print(r.version_after, flush=True)
+"""
+
+
+def test_reader_moves_past_a_forget_on_refresh(mem, unit_vectors):
+    reader = vm.open(mem.path, read_only=True)
+    out = subprocess.run([sys.executable, "-c", FORGET, str(mem.path)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    # the reader's version was erased under it; refresh moves it to the new one
+    assert reader.refresh() is True and reader.version == int(out.stdout.strip())
+    assert "conc-0007" not in reader and len(reader) == 39
+    q = unit_vectors(40, 8, seed=5)[7]
+    assert reader.classify(q, k=1)[0].neighbors[0].id != "conc-0007"
+    assert reader.get(["conc-0008"])[0]["id"] == "conc-0008"

@@ -23,7 +23,7 @@ import logging
 import math
 import re
 from datetime import timedelta
-from typing import TYPE_CHECKING, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 
@@ -31,9 +31,6 @@ from . import erasure
 from .errors import MemoryLockedError, SelectorError, UnknownIdError, VisualMemoryError
 from .results import EditResult, ForgetReceipt, OptimizeResult, RemoveResult
 from .store import sql_quote
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .images import ImageLike
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +171,24 @@ class EditingMixin:
         return seen
 
     # -- row addresses -------------------------------------------------------------
+
+    def _appended_addresses(self, n: int) -> Optional[np.ndarray]:
+        """Row addresses of the ``n`` rows just appended (in order), from the new fragments; None if unsure.
+
+        Right after an append under the lock, the fragments we have not seen
+        are exactly the appended ones, rows in order; knowing this avoids
+        scanning ids for addresses at the first edit after a large add.
+        """
+        frags = sorted((f for f in self._store.dataset.get_fragments() if f.fragment_id not in self._known_frags),
+                       key=lambda f: f.fragment_id)
+        sizes = [int(f.metadata.physical_rows) for f in frags]
+        if sum(sizes) != n or any(f.metadata.deletion_file is not None for f in frags):
+            return None
+        self._known_frags |= {f.fragment_id for f in frags}
+        if not frags:
+            return np.zeros(0, np.uint64)
+        return np.concatenate([(np.uint64(f.fragment_id) << np.uint64(32)) | np.arange(k, dtype=np.uint64)
+                               for f, k in zip(frags, sizes)])
 
     def _addresses(self, rows: np.ndarray) -> np.ndarray:
         """Lance row addresses of live rows, learning those of fragments written since we last looked."""

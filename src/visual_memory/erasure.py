@@ -153,11 +153,49 @@ def scrub_audit(path: Path, ids: Iterable[str], salt: str) -> int:
 # -- verification scan -------------------------------------------------------------
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_KEY_BITS = 24
+_LONG = 15  # a needle this long holds an 8-aligned 8-byte window wherever it starts
 
 
-def _bucket(words: np.ndarray) -> np.ndarray:
-    return (words * _GOLDEN) >> np.uint64(64 - _KEY_BITS)
+def _bucket(words: np.ndarray, bits: int) -> np.ndarray:
+    return (words * _GOLDEN) >> np.uint64(64 - bits)
+
+
+class _WindowFilter:
+    """Candidate positions of many needles in a buffer, from 8-byte windows.
+
+    Long needles (>= 15 bytes) are keyed by all 8 of their windows at
+    offsets 0-7, so one pass over the buffer's 8-aligned windows finds every
+    occurrence; shorter ones are keyed by their last 8 bytes and need all 8
+    alignments. A bitmap of hashed keys (small enough for the CPU cache)
+    rejects almost every window before any Python runs.
+    """
+
+    def __init__(self, needles: list[bytes]) -> None:
+        self.keys: dict[int, list[tuple[bytes, int]]] = {}  # key -> (needle, offset of the key's window in it)
+        self.short = any(len(n) < _LONG for n in needles)
+        for n in needles:
+            offsets = range(8) if len(n) >= _LONG else [len(n) - 8]
+            for o in offsets:
+                key = int(np.frombuffer(n[o : o + 8], dtype="<u8")[0])
+                self.keys.setdefault(key, []).append((n, o))
+        self.bits = int(min(26, max(16, np.ceil(np.log2(max(1, len(self.keys)))) + 8)))
+        self.bitmap = np.zeros(1 << self.bits, dtype=bool)
+        self.bitmap[_bucket(np.fromiter(self.keys, dtype=np.uint64, count=len(self.keys)), self.bits)] = True
+
+    def find(self, buf: bytes, found: set[bytes]) -> None:
+        for a in range(8) if self.short else (0,):
+            count = (len(buf) - a) // 8
+            if count <= 0:
+                continue
+            words = np.frombuffer(buf, dtype="<u8", count=count, offset=a)
+            cand = np.flatnonzero(self.bitmap[_bucket(words, self.bits)])
+            for j, w in zip(cand.tolist(), words[cand].tolist()):
+                for n, o in self.keys.get(w, ()):
+                    if a and len(n) >= _LONG:
+                        continue  # long needles are all found at alignment 0
+                    start = a + 8 * j - o
+                    if n not in found and start >= 0 and buf[start : start + len(n)] == n:
+                        found.add(n)
 
 
 def scan_files(
@@ -165,9 +203,8 @@ def scan_files(
 ) -> tuple[list[tuple[bytes, str]], int, int]:
     """Find which needles (each >= 8 bytes) occur in which files under ``root``.
 
-    Few needles: `bytes.find`. Many: every 8-byte window of the data is
-    hashed into a bitmap of the needles' last 8 bytes, and only the windows
-    that hit are compared in full, so 1,000 needles cost about what one does.
+    Few needles: `bytes.find`. Many: `_WindowFilter`, so 1,000 needles cost
+    about what a few do.
 
     Returns
     -------
@@ -183,14 +220,7 @@ def scan_files(
     if not needles:
         return hits, len(files), 0
     overlap = max(len(n) for n in needles) - 1
-    by_key: dict[int, list[bytes]] = {}
-    bitmap = None
-    if len(needles) > 32:
-        keys = np.frombuffer(b"".join(n[-8:] for n in needles), dtype="<u8")
-        for key, n in zip(keys.tolist(), needles):
-            by_key.setdefault(key, []).append(n)
-        bitmap = np.zeros(1 << _KEY_BITS, dtype=bool)
-        bitmap[_bucket(keys)] = True
+    window = _WindowFilter(needles) if len(needles) > 16 else None
     total = 0
     for path in files:
         rel = str(path.relative_to(root))
@@ -202,21 +232,14 @@ def scan_files(
                 if not block:
                     break
                 total += len(block)
+                # Keep 8-alignment relative to the file across chunks: pad the carried tail to a multiple of 8.
+                keep = overlap + (-overlap) % 8 if overlap else 0
                 buf = tail + block
-                if bitmap is None:
+                if window is None:
                     found.update(n for n in needles if n not in found and n in buf)
                 else:
-                    for a in range(8):
-                        count = (len(buf) - a) // 8
-                        if count <= 0:
-                            continue
-                        words = np.frombuffer(buf, dtype="<u8", count=count, offset=a)
-                        for j in np.flatnonzero(bitmap[_bucket(words)]).tolist():
-                            end = a + 8 * j + 8
-                            for n in by_key.get(int(words[j]), ()):
-                                if n not in found and end >= len(n) and buf[end - len(n) : end] == n:
-                                    found.add(n)
-                tail = buf[-overlap:] if overlap else b""
+                    window.find(buf, found)
+                tail = buf[-keep:] if keep and len(buf) >= keep else (buf if keep else b"")
         hits.extend((n, rel) for n in found)
     return hits, len(files), total
 

@@ -191,7 +191,10 @@ class Memory(EditingMixin):
             if self.encoder_spec is None:
                 raise EncoderMismatchError(f"{self.path}: this memory stores precomputed {self.dim}-d vectors "
                                            "without an encoder; pass vectors, not images")
-            enc = create_encoder(name)
+            # Weights loaded from a local folder/file: look there first (the fingerprint still decides).
+            extra = self._store.manifest["encoder"].get("extra") or {}
+            local = extra.get("folder") or extra.get("file")
+            enc = create_encoder(name, weights=local) if local and os.path.exists(local) else create_encoder(name)
             self._check_encoder(enc)
             self._encoder = enc
         return self._encoder
@@ -550,7 +553,7 @@ class Memory(EditingMixin):
             schema=record_schema(dim),
         )
         self._store.append(table)
-        self._append_rows(ids, labels, np.ones(n, np.float32), vectors)
+        self._append_rows(ids, labels, np.ones(n, np.float32), vectors, self._appended_addresses(n))
         self._loaded_version = self._store.version
         self._store.audit(op, n=n, ids=ids, labels=sorted(set(labels)))
         self._after_mutation()

@@ -250,9 +250,11 @@ class HFEncoder(Encoder):
         Overrides the preprocessing (default: the named encoder's, else the
         folder's ``preprocessor_config.json``).
     backend : {"auto", "torch", "onnx"}, default "auto"
-        ``"auto"`` is ``$VISMEM_HF_BACKEND`` or torch: for ViTs on CPU,
-        ONNX Runtime measured no faster than PyTorch's fused attention
-        (benchmarks/bench_embed.py), and exporting a ViT-L costs minutes.
+        ``"auto"``: ``$VISMEM_HF_BACKEND`` if set, else ONNX Runtime on CPU
+        (dinov2-small measured 1.3-2.3x faster than eager PyTorch on 2 loaded cores,
+        benchmarks/results/embed_dinov2.json; exported once to the cache
+        folder on first use) except for models whose weights exceed 2 GB
+        (ONNX's protobuf limit: dinov2-giant), and torch on a GPU.
     device : str, default "auto"
         torch device: cuda, then Apple mps, then cpu.
     batch_size : int, default 32
@@ -285,21 +287,33 @@ class HFEncoder(Encoder):
                 pre = _FAMILIES[model_type][1]
         self.folder = folder
         self.batch_size = batch_size
-        self.backend = (os.environ.get("VISMEM_HF_BACKEND") or "torch") if backend == "auto" else backend
-        if self.backend not in ("torch", "onnx"):
-            raise EncoderError(f"backend must be 'auto', 'onnx' or 'torch'; got {backend!r}")
         weights_id = weights_identity(hf_weight_files(folder))
         module = build_torch_module(folder, family)
+        auto = backend == "auto"
+        if auto:
+            backend = os.environ.get("VISMEM_HF_BACKEND") or _auto_backend(module, device)
+        if backend not in ("torch", "onnx"):
+            raise EncoderError(f"backend must be 'auto', 'onnx' or 'torch'; got {backend!r}")
         if dim is None:
             with __import__("torch").inference_mode():
                 dim = int(module(__import__("torch").zeros(1, 3, pre.input_size, pre.input_size)).shape[1])
         self.spec = EncoderSpec(name=name, dim=int(dim), preprocess=pre, weights=weights_id, source=f"hf:{repo}",
                                 extra={"folder": str(folder)})
-        if self.backend == "onnx":
+        self._forward = None
+        if backend == "onnx":
             path = cache_dir() / "onnx" / f"{name.replace('/', '_').replace(':', '_')}-{weights_id[7:]}.onnx"
-            self._forward = OnnxForward.from_torch(lambda: module, path, input_size=pre.input_size)
-        else:
+            try:
+                self._forward = OnnxForward.from_torch(lambda: module, path, input_size=pre.input_size)
+            except EncoderError as exc:
+                if not auto:
+                    raise
+                # e.g. DINOv2-with-registers resamples its position embeddings with
+                # antialiased bicubic, which the ONNX exporter cannot express.
+                log.warning("%s: ONNX export failed, running on torch (%s)", name, str(exc)[:200])
+                backend = "torch"
+        if self._forward is None:
             self._forward = TorchForward(module, device=device, channels_last=False)
+        self.backend = backend
 
     def forward(self, batch: np.ndarray) -> np.ndarray:
         out = self._forward(batch)
@@ -311,6 +325,15 @@ class HFEncoder(Encoder):
     def torch_module(self):
         """The underlying torch module (for `vismem export-onnx`), or None on the ONNX backend."""
         return getattr(self._forward, "module", None)
+
+
+def _auto_backend(module, device: str) -> str:
+    from .runtime import resolve_device
+
+    if resolve_device(device) != "cpu" or default_backend() != "onnx":
+        return "torch"
+    size = sum(p.numel() * p.element_size() for p in module.parameters())
+    return "onnx" if size < 2_000_000_000 else "torch"
 
 
 def _register(card: HFModelCard) -> None:
@@ -340,6 +363,6 @@ def _make_hf(target: str, *, weights=None, **kwargs) -> HFEncoder:
         raise EncoderError("hf: needs a repository id or a folder, e.g. hf:facebook/dinov2-small or hf:/path/to/model")
     path = Path(target).expanduser()
     if path.is_dir():
-        # Name by content, not by path, so moving the folder keeps the memory usable.
-        return HFEncoder(f"hf:{path.name}", path.name, weights=path, **kwargs)
+        path = path.resolve()
+        return HFEncoder(f"hf:{path}", path.name, weights=path, **kwargs)
     return HFEncoder(f"hf:{target}", target, weights=weights, **kwargs)

@@ -96,9 +96,11 @@ class OnnxForward:
         opts.intra_op_num_threads = threads or os.cpu_count() or 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if spin is None:
-            spin = os.environ.get("VISMEM_ORT_SPIN", "1") != "0"
-        # Idle intra-op threads busy-wait for work by default; with decode
-        # threads sharing the cores that can steal their time (see bench_embed).
+            spin = os.environ.get("VISMEM_ORT_SPIN", "0") == "1"
+        # ORT's idle intra-op threads busy-wait for work by default, stealing
+        # the cores from our decode threads (and from other processes): off,
+        # efficientnet-lite0 measured faster both raw and end to end on a
+        # loaded 2-core box (benchmarks/results/embed.json). VISMEM_ORT_SPIN=1 restores it.
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
         try:
@@ -163,6 +165,11 @@ def export_onnx(module, path: Path, *, input_size: int, metadata: Optional[dict[
                 opset_version=17,
                 dynamo=False,
             )
+    except Exception as exc:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise EncoderError(f"cannot export {type(module).__name__} to ONNX ({type(exc).__name__}: {str(exc)[:300]})") from exc
+    try:
         if metadata:
             import onnx
 

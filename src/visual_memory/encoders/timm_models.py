@@ -87,9 +87,9 @@ def import_timm():
         hint = ""
         if "torchvision" in f"{type(exc).__name__} {exc}" or "nms" in str(exc):
             hint = (" timm needs a torchvision that matches the installed torch (here torchvision cannot be "
-                    "imported beside this torch build); install a matching pair, e.g. from "
-                    "https://download.pytorch.org/whl/cpu")
-        raise EncoderError(f"timm encoders need timm and torchvision: `pip install 'visual-memory[hf]'` "
+                    "imported beside this torch build); install a matching pair, e.g. both from "
+                    "PyTorch's CPU wheel index")
+        raise EncoderError(f"timm encoders need timm and torchvision: `pip install 'visual-memory[timm]'` "
                            f"({type(exc).__name__}: {str(exc)[:160]}).{hint}") from exc
     return timm
 

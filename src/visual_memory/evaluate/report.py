@@ -17,7 +17,12 @@ FIGURES = ("accuracy_vs_k", "sweeps", "ith_neighbor", "calibration", "scaling", 
 
 
 def _plt():
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as exc:
+        from ..errors import VisualMemoryError
+
+        raise VisualMemoryError("the report draws with matplotlib: pip install 'visual-memory[eval]'") from exc
 
     matplotlib.use("Agg")  # files only: no display is needed or wanted
     import matplotlib.pyplot as plt
