@@ -199,6 +199,28 @@ def test_a_second_handle_sees_new_commits(small_mem):
     assert other.refresh() is False
 
 
+def test_refresh_reads_appends_incrementally_and_reloads_on_other_changes(memory_dir, unit_vectors, monkeypatch):
+    x = unit_vectors(60, 8, seed=11)
+    writer = vm.create(memory_dir, encoder=None, dim=8)
+    writer.add_embeddings(x[:20], labels=["a", "b"] * 10, ids=[f"r{i}" for i in range(20)])
+    reader = vm.open(memory_dir)
+    reloads = []
+    full_reload = reader._load_index
+    monkeypatch.setattr(reader, "_load_index", lambda: (reloads.append(1), full_reload()))
+
+    writer.add_embeddings(x[20:40], labels=["c"] * 20, ids=[f"r{i}" for i in range(20, 40)])
+    writer.add_embeddings(x[40:], labels=["a"] * 20, ids=[f"r{i}" for i in range(40, 60)])
+    assert reader.refresh() and reloads == []  # two appends: read incrementally
+    fresh = vm.open(memory_dir)
+    assert reader.ids() == fresh.ids() and reader.labels == fresh.labels
+    for p, q in zip(reader.classify(x, k=7), fresh.classify(x, k=7)):
+        assert (p.label, p.scores, [n.id for n in p.neighbors]) == (q.label, q.scores, [n.id for n in q.neighbors])
+
+    writer.relabel(["r3"], "z")  # not an append: the reader reloads
+    reader.refresh()
+    assert reloads == [1] and reader.get(["r3"])[0]["label"] == "z" and reader.labels["z"] == 1
+
+
 def test_old_version_is_readable(small_mem):
     mem, x, _ = small_mem
     v = mem.version

@@ -67,6 +67,16 @@ def test_self_neighbors_cache_follows_the_record_set(memory_dir, unit_vectors):
     assert P.clear_cache(mem) == 1
 
 
+def test_forget_drops_the_self_neighbor_cache(memory_dir, unit_vectors):
+    mem = vm.create(memory_dir, encoder=None, dim=8)
+    mem.add_embeddings(unit_vectors(50, 8, seed=4), labels=["a", "b"] * 25, ids=[f"r{i}" for i in range(50)])
+    P.self_neighbors(mem, k=5)
+    assert list((mem.path / "cache").glob("self-neighbors-*.npz"))
+    mem.forget(ids=["r7"])
+    assert not (mem.path / "cache").exists()  # derived data about r7 went with it
+    assert P.self_neighbors(mem, k=5).nbrs.shape == (49, 5)  # rebuilt on demand
+
+
 def test_neighbor_counts_by_hand():
     codes = np.array([0, 0, 1, 1])
     nbrs = np.array([[1, 2], [0, 2], [3, 0], [2, 1]])

@@ -62,7 +62,11 @@ def test_healthz_stats_and_docs(client, mem):
     spec = client.get("/openapi.json").json()
     for path in ("/classify", "/healthz", "/records", "/records/{record_id}", "/forget", "/relabel", "/reweight", "/explain", "/stats", "/history"):
         assert path in spec["paths"], path
-    assert client.get("/docs").status_code == 200
+    docs = client.get("/docs")
+    assert docs.status_code == 200
+    # Swagger UI is served by this process, so /docs works offline too.
+    assert "cdn.jsdelivr" not in docs.text and "/static-offline-docs/swagger-ui-bundle.js" in docs.text
+    assert client.get("/static-offline-docs/swagger-ui-bundle.js").status_code == 200
     ui = client.get("/")
     assert ui.status_code == 200 and "visual-memory" in ui.text
     assert client.get("/ui/app.js").status_code == 200

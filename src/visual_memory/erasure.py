@@ -29,6 +29,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import signal
 import uuid
 from pathlib import Path
@@ -38,7 +39,7 @@ import numpy as np
 
 from .errors import ErasureError
 from .results import ForgetReceipt
-from .store import AUDIT, LOCK, Store, _fsync_dir, now_utc, sql_in, sql_quote, vectors_from_column, write_json_atomic
+from .store import AUDIT, DERIVED_CACHE, LOCK, Store, _fsync_dir, now_utc, sql_in, sql_quote, vectors_from_column, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -358,6 +359,9 @@ def run(
     stale.unlink(missing_ok=True)
     scrub_audit(store.path / AUDIT, ids, salt)
     store._audit_state = None  # the log was rewritten: the next reconcile must re-read it
+    # Derived caches (self-neighbour rows and similarities) describe the forgotten
+    # records too; they are rebuilt on demand, so drop them rather than patch them.
+    shutil.rmtree(store.path / DERIVED_CACHE, ignore_errors=True)
     crash_point("forget:scrubbed")
     if verify_scan:
         verification = verify(store.path, ids, vectors, salt=salt, live=live)

@@ -159,9 +159,43 @@ class Memory(EditingMixin):
         self._index.add(vectors)
 
     def _sync(self) -> None:
-        """Catch up with commits made by other processes."""
-        if self._store.version != self._loaded_version:
+        """Catch up with commits made by other processes.
+
+        Appends (the common case: another process adding images) are read
+        incrementally, fragment by fragment; any other change reloads.
+        """
+        st = self._store
+        if st.version == self._loaded_version:
+            return
+        appended = self._appended_fragments(self._loaded_version)
+        if appended is None:
             self._load_index()
+            return
+        # scanner(), not to_batches(): the latter silently ignores `fragments=`.
+        scan = st.dataset.scanner(columns=["id", "label", "weight", "vector"], with_row_address=True, fragments=appended)
+        for batch in scan.to_batches():
+            self._append_rows(
+                batch.column("id").to_pylist(),
+                batch.column("label").to_pylist(),
+                batch.column("weight").to_numpy(zero_copy_only=False),
+                vectors_from_column(batch.column("vector"), st.dim),
+                batch.column("_rowaddr").to_numpy().astype(np.uint64),
+            )
+        self._known_frags |= {f.fragment_id for f in appended}
+        self._loaded_version = st.version
+
+    def _appended_fragments(self, since: int) -> Optional[list]:
+        """Fragments added after version ``since`` if every commit since was a pure append, else None."""
+        ds = self._store.dataset
+        try:
+            for v in range(since + 1, ds.version + 1):
+                txn = ds.read_transaction(v)
+                if txn is None or type(txn.operation).__name__ != "Append":
+                    return None
+            before = {f.fragment_id for f in ds.checkout_version(since).get_fragments()}
+        except Exception:  # e.g. the old version was erased by forget: reload instead
+            return None
+        return [f for f in ds.get_fragments() if f.fragment_id not in before]
 
     # -- properties ----------------------------------------------------------------
 

@@ -37,6 +37,7 @@ import numpy as np
 from . import vote as voting
 from .errors import VisualMemoryError
 from .progress import progress_bar
+from .store import DERIVED_CACHE
 
 if TYPE_CHECKING:  # pragma: no cover
     from .memory import Memory
@@ -46,7 +47,7 @@ log = logging.getLogger(__name__)
 SOFT_C = 1.75  # the paper's soft-pruning constant
 SOFT_K = 10  # soft pruning counts over the top 10 neighbours (paper)
 HARD_K = 100
-CACHE_DIR = "cache"
+CACHE_DIR = DERIVED_CACHE
 _CACHE_PREFIX = "self-neighbors-"
 BATCH = 2048  # queries per exact search: a (2048 x n) similarity block at a time
 

@@ -40,6 +40,7 @@ MANIFEST = "manifest.json"
 RECORDS = "records.lance"
 AUDIT = "audit.jsonl"
 LOCK = ".lock"
+DERIVED_CACHE = "cache"  # rebuildable derived data (e.g. self-neighbours); dropped by forget
 
 
 def record_schema(dim: int) -> pa.Schema:

@@ -26,10 +26,11 @@ from pathlib import Path
 from typing import Any, List, Optional, Union
 from urllib.parse import quote
 
-from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
+from fastapi import Depends, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline as FastAPI  # /docs assets served locally, no CDN
 from pydantic import BaseModel, Field, field_validator
 
 from .. import memory as vm_memory
