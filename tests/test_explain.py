@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import re
 
@@ -70,7 +71,7 @@ def test_html_is_self_contained(small_memory, cifar_root, encoder, tmp_path):
 
     e2 = explain(mem2, x, k=3)
     assert e2.query_thumbnail is None and e2.label == e.label
-    e2.neighbors[0].label = "<script>alert(1)</script>"
+    e2.neighbors[0] = dataclasses.replace(e2.neighbors[0], label="<script>alert(1)</script>")
     assert "<script>alert" not in Explanation(e2.prediction, e2.neighbors).to_html()
 
 

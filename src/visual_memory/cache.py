@@ -66,29 +66,35 @@ def file_sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def embed_paths(encoder: Encoder, paths: Sequence[Path], *, progress: bool | str = False) -> np.ndarray:
-    """Embed image files through the cache: (n, dim) float32, rows in input order."""
-    paths = [Path(p) for p in paths]
-    keys = [file_sha256(p) for p in paths]
+def embed_cached(encoder: Encoder, items: Sequence, keys: Sequence[str], *, progress: bool | str = False) -> np.ndarray:
+    """Embed ``items`` (any image inputs) through the cache under their content ``keys``.
+
+    Returns (n, dim) float32, rows in input order. Misses are embedded and saved
+    chunk by chunk, so an interrupted run keeps what it embedded.
+    """
+    from .progress import progress_bar
+
     cache = EmbeddingCache(encoder.spec.fingerprint)
     found, cached = cache.get(keys)
-    out = np.zeros((len(paths), encoder.dim), dtype=np.float32)
+    out = np.zeros((len(keys), encoder.dim), dtype=np.float32)
     if found.any():
         out[found] = cached
     missing = np.flatnonzero(~found)
-    if len(missing):
-        from .progress import progress_bar
-
-        # Saved chunk by chunk, so an interrupted run keeps what it embedded.
-        chunk = 2048
-        with progress_bar(progress, total=len(missing), unit="img") as bar:
-            for start in range(0, len(missing), chunk):
-                sel = missing[start : start + chunk]
-                fresh = encoder.embed([paths[i] for i in sel])
-                out[sel] = fresh
-                cache.put([keys[i] for i in sel], fresh)
-                bar.advance(len(sel))
+    chunk = 2048
+    with progress_bar(progress if len(missing) else False, total=len(missing), unit="img") as bar:
+        for start in range(0, len(missing), chunk):
+            sel = missing[start : start + chunk]
+            fresh = encoder.embed([items[i] for i in sel])
+            out[sel] = fresh
+            cache.put([keys[i] for i in sel], fresh)
+            bar.advance(len(sel))
     return out
+
+
+def embed_paths(encoder: Encoder, paths: Sequence[Path], *, progress: bool | str = False) -> np.ndarray:
+    """Embed image files through the cache: (n, dim) float32, rows in input order."""
+    paths = [Path(p) for p in paths]
+    return embed_cached(encoder, paths, [file_sha256(p) for p in paths], progress=progress)
 
 
 def select_per_class(paths: Sequence[Path], labels: Sequence[str], per_class: Optional[int]) -> tuple[list[Path], list[str]]:

@@ -109,26 +109,11 @@ def embed_arrays(encoder, images: np.ndarray, *, progress: bool | str = False) -
     """
     import hashlib
 
-    from .cache import EmbeddingCache
-    from .progress import progress_bar
+    from .cache import embed_cached
 
     images = np.asarray(images)
     keys = [hashlib.sha256(np.ascontiguousarray(img).tobytes()).hexdigest() for img in images]
-    cache = EmbeddingCache(encoder.spec.fingerprint)
-    found, cached = cache.get(keys)
-    out = np.zeros((len(images), encoder.dim), dtype=np.float32)
-    if found.any():
-        out[found] = cached
-    missing = np.flatnonzero(~found)
-    chunk = 2048
-    with progress_bar(progress if len(missing) else False, total=len(missing), unit="img") as bar:
-        for start in range(0, len(missing), chunk):
-            sel = missing[start : start + chunk]
-            fresh = encoder.embed([images[i] for i in sel])
-            out[sel] = fresh
-            cache.put([keys[i] for i in sel], fresh)
-            bar.advance(len(sel))
-    return out
+    return embed_cached(encoder, images, keys, progress=progress)
 
 
 def fashion_mnist_subset(classes, *, split: str = "train", per_class: int = 100) -> tuple[np.ndarray, list[str]]:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import numpy as np
 
 from .images import ImageLike, load_image
-from .results import Prediction
+from .results import Neighbor, Prediction
 
 if TYPE_CHECKING:  # pragma: no cover
     from .memory import Memory
@@ -50,39 +50,15 @@ def _thumbnail_from_source(source: Optional[str], size: int) -> Optional[bytes]:
         return None
 
 
-@dataclass
-class ExplainedNeighbor:
-    """One neighbour of the query and its part in the decision.
+@dataclass(frozen=True)
+class ExplainedNeighbor(Neighbor):
+    """A `Neighbor` plus what a person needs to see it: its source and thumbnail."""
 
-    ``contribution`` = vote weight (from rank or similarity) x ``weight``
-    (the record's own weight); a label's score is the sum of its
-    neighbours' contributions.
-    """
-
-    id: str
-    label: str
-    similarity: float
-    rank: int
-    weight: float
-    contribution: float
     source: Optional[str] = None
     thumbnail: Optional[bytes] = field(default=None, repr=False)
 
-    @property
-    def distance(self) -> float:
-        return 1.0 - self.similarity
-
     def to_dict(self, *, thumbnails: bool = True) -> dict[str, Any]:
-        out = {
-            "id": self.id,
-            "label": self.label,
-            "similarity": self.similarity,
-            "distance": self.distance,
-            "rank": self.rank,
-            "weight": self.weight,
-            "contribution": self.contribution,
-            "source": self.source,
-        }
+        out = {**super().to_dict(), "source": self.source}
         if thumbnails:
             out["thumbnail"] = _data_uri(self.thumbnail)
         return out

@@ -129,15 +129,20 @@ class Memory(EditingMixin):
         self._weights = np.zeros(0, dtype=np.float32)
         self._addr = np.zeros(0, dtype=np.uint64)  # Lance row address per row (editing.py)
         self._known_frags = set(st.fragment_ids())
-        for batch in st.iter_batches(["id", "label", "weight", "vector"], with_row_address=True):
+        self._append_batches(st.iter_batches(list(self._INDEX_COLUMNS), with_row_address=True))
+        self._loaded_version = st.version
+
+    _INDEX_COLUMNS = ("id", "label", "weight", "vector")
+
+    def _append_batches(self, batches) -> None:
+        for batch in batches:
             self._append_rows(
                 batch.column("id").to_pylist(),
                 batch.column("label").to_pylist(),
                 batch.column("weight").to_numpy(zero_copy_only=False),
-                vectors_from_column(batch.column("vector"), st.dim),
+                vectors_from_column(batch.column("vector"), self.dim),
                 batch.column("_rowaddr").to_numpy().astype(np.uint64),
             )
-        self._loaded_version = st.version
 
     def _append_rows(
         self, ids: list[str], labels: list[str], weights: np.ndarray, vectors: np.ndarray, addrs: Optional[np.ndarray] = None
@@ -172,15 +177,8 @@ class Memory(EditingMixin):
             self._load_index()
             return
         # scanner(), not to_batches(): the latter silently ignores `fragments=`.
-        scan = st.dataset.scanner(columns=["id", "label", "weight", "vector"], with_row_address=True, fragments=appended)
-        for batch in scan.to_batches():
-            self._append_rows(
-                batch.column("id").to_pylist(),
-                batch.column("label").to_pylist(),
-                batch.column("weight").to_numpy(zero_copy_only=False),
-                vectors_from_column(batch.column("vector"), st.dim),
-                batch.column("_rowaddr").to_numpy().astype(np.uint64),
-            )
+        scan = st.dataset.scanner(columns=list(self._INDEX_COLUMNS), with_row_address=True, fragments=appended)
+        self._append_batches(scan.to_batches())
         self._known_frags |= {f.fragment_id for f in appended}
         self._loaded_version = st.version
 
