@@ -8,6 +8,7 @@ accuracy depends on reproducing it exactly.
 
 from __future__ import annotations
 
+import abc
 import functools
 import hashlib
 import json
@@ -225,7 +226,7 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norms, 1e-12)
 
 
-class Encoder:
+class Encoder(abc.ABC):
     """Base class. Subclasses set ``spec`` and implement ``forward``.
 
     ``forward(batch)`` takes float32 (B, 3, S, S) preprocessed pixels and
@@ -237,8 +238,9 @@ class Encoder:
     backend: str = "torch"
     batch_size: int = 64
 
-    def forward(self, batch: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def forward(self, batch: np.ndarray) -> np.ndarray:
+        """float32 (B, 3, S, S) preprocessed pixels -> float32 (B, dim) raw features."""
 
     @property
     def name(self) -> str:
