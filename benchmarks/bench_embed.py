@@ -81,30 +81,38 @@ def main() -> None:
         ready = np.stack([torch_enc.preprocess(load_image(p).image) for p in paths])
         batches = [ready[i : i + args.batch] for i in range(0, len(ready), args.batch)]
         # ONNX Runtime with its intra-op threads spinning (its default) and not (ours).
-        spin = OnnxForward(onnx._forward.path, spin=True)
+        # Each runtime is measured in its own phase (raw and e2e interleaved round by
+        # round), and the spinning session exists only during its phase: spinning ORT
+        # threads, or torch's OpenMP threads, left over from another variant would
+        # steal the cores from the one being timed.
         nospin = OnnxForward(onnx._forward.path, spin=False)
-        variants = {}
-        for label, enc, fwd in (("onnx-spin", onnx, spin), ("onnx", onnx, nospin), ("torch", torch_enc, None)):
-            def raw(enc=enc, fwd=fwd):
-                if fwd is not None:
-                    enc._forward = fwd
+        times = {}
+        for label, enc, make_fwd in (
+            ("onnx", onnx, lambda: nospin),
+            ("onnx-spin", onnx, lambda: OnnxForward(onnx._forward.path, spin=True)),
+            ("torch", torch_enc, lambda: None),
+        ):
+            fwd = make_fwd()
+            if fwd is not None:
+                enc._forward = fwd
+            enc.forward(batches[0])  # warm-up: allocators, thread pools, first-run graph work
+
+            def raw(enc=enc):
                 for b in batches:
                     enc.forward(b)
 
-            def e2e(enc=enc, fwd=fwd):
-                if fwd is not None:
-                    enc._forward = fwd
+            def e2e(enc=enc):
                 enc.embed(paths, batch_size=args.batch)
 
-            variants[f"{label} raw"] = raw
-            variants[f"{label} e2e"] = e2e
-        for fwd in (spin, nospin, torch_enc.forward):  # warm-up: allocators, thread pools, first-run graph work
-            fwd(batches[0])
-        times = {k: [] for k in variants}
-        for r in range(args.rounds):
-            for k, fn in variants.items():
-                times[k].append(timed(fn))
-            print(f"{model} round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {len(paths) / t[-1]:.1f}" for k, t in times.items()), flush=True)
+            phase = {f"{label} raw": raw, f"{label} e2e": e2e}
+            for k in phase:
+                times[k] = []
+            for r in range(args.rounds):
+                for k, fn in phase.items():
+                    times[k].append(timed(fn))
+                print(f"{model} {label} round {r + 1}/{args.rounds}: "
+                      + ", ".join(f"{k} {len(paths) / times[k][-1]:.1f}" for k in phase), flush=True)
+            del fwd
         onnx._forward = nospin
         for k, ts in times.items():
             rows.append({"model": model, "variant": k, "best_img_s": len(paths) / min(ts),
