@@ -274,3 +274,23 @@ def test_add_images_ids_are_sha256_of_bytes_and_predictions_survive_reopen(memor
     vecs = again.embed(queries)
     assert [p.label for p in again.classify(vecs, k=5)] == [p.label for p in after]
     assert all(p.version == again.version for p in after)
+
+
+def test_add_with_precomputed_vectors_equals_add(tmp_path, encoder, few_images):
+    """`add(images, vectors=mem.embed(images))` stores what `add(images)` stores, thumbnails included."""
+    classes, train, _ = few_images
+    paths = [p for ps in train for p in ps][:6]
+    a = vm.create(tmp_path / "a", encoder=encoder)
+    b = vm.create(tmp_path / "b", encoder=encoder)
+    ra = a.add(paths, labels="x")
+    rb = b.add(paths, labels="x", vectors=b.embed(paths))
+    assert ra.ids == rb.ids and [e["op"] for e in b.history()][-1] == "add"
+    cols = ["id", "label", "source", "vector", "thumbnail"]
+    for x, y in zip(a.get(ra.ids, columns=cols), b.get(rb.ids, columns=cols)):
+        np.testing.assert_allclose(x.pop("vector"), y.pop("vector"), atol=1e-6)
+        assert x == y and x["thumbnail"]
+    with pytest.raises(ValueError, match="6 images but 5 vectors"):
+        b.add(paths, labels="x", vectors=b.embed(paths)[:5], skip_existing=True)
+    with pytest.raises(vm.VectorError, match="dimension 3"):
+        b.add(paths, labels="x", vectors=np.ones((6, 3)), skip_existing=True)
+    assert len(b) == 6 and b.version == rb.version

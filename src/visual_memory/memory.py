@@ -351,6 +351,7 @@ class Memory(EditingMixin):
         source: Optional[str] = None,
         metadata: Optional[Sequence[Optional[dict]]] = None,
         skip_existing: bool = False,
+        vectors: Optional[np.ndarray] = None,
         batch_size: Optional[int] = None,
         progress: bool | str = False,
         lock_timeout: float = 0.0,
@@ -376,6 +377,11 @@ class Memory(EditingMixin):
             An id that already exists is an error (`DuplicateIdError`, nothing
             added) unless this is True, in which case it is skipped and listed
             in ``AddResult.skipped`` (resume an interrupted folder add this way).
+        vectors : array of shape (n, dim), optional
+            The images' embeddings, if already computed with this memory's
+            encoder (``mem.embed(images)``), e.g. outside a lock so that
+            classification is not held up; validated and normalised. The
+            images are then only decoded (for ids and thumbnails).
 
         Every image is decoded and validated, and every id checked, *before*
         anything is written: one bad image leaves the memory unchanged. Records
@@ -394,6 +400,10 @@ class Memory(EditingMixin):
         if n == 0:
             return AddResult(self.version, 0)
         encoder = self.encoder
+        if vectors is not None:
+            vectors = as_queries(vectors, self.dim, what="vectors")
+            if len(vectors) != n:
+                raise ValueError(f"got {n} images but {len(vectors)} vectors")
         # Pass 1: decode-validate everything and resolve ids (cheap next to embedding).
         hashes = self._validate_images(items, progress=progress)
         ids = ids if ids is not None else hashes
@@ -411,8 +421,12 @@ class Memory(EditingMixin):
             pending: list[tuple[list, np.ndarray]] = []
             pending_n = 0
             offset = 0
-            for loaded, vectors in encoder.iter_batches(todo, batch_size=batch_size, progress=progress or False):
-                pending.append((loaded, vectors))
+            if vectors is None:
+                batches = encoder.iter_batches(todo, batch_size=batch_size, progress=progress or False)
+            else:
+                batches = self._decoded_batches(todo, vectors[sel], step)
+            for loaded, batch_vectors in batches:
+                pending.append((loaded, batch_vectors))
                 pending_n += len(loaded)
                 if pending_n >= step:
                     offset = self._commit_images(pending, sel, offset, ids, labels, sources, metadata, added_ids)
@@ -420,6 +434,11 @@ class Memory(EditingMixin):
             if pending:
                 self._commit_images(pending, sel, offset, ids, labels, sources, metadata, added_ids)
         return AddResult(self.version, len(added_ids), skipped, added_ids)
+
+    @staticmethod
+    def _decoded_batches(items: list, vectors: np.ndarray, step: int):
+        for start in range(0, len(items), step):
+            yield [load_image(it) for it in items[start : start + step]], vectors[start : start + step]
 
     def _commit_images(self, pending, sel, offset, ids, labels, sources, metadata, added_ids) -> int:
         loaded = [li for batch, _ in pending for li in batch]

@@ -409,9 +409,12 @@ def create_app(
             raise ApiError(400, f"got {len(files)} files but {len(labels)} labels")
         datas = [_read_image_upload(f, **limits) for f in files]
         names = [os.path.basename(f.filename or "image") for f in files]
+        # Embed before taking the write lock, so classify requests keep running meanwhile.
+        vectors = service.memory.encoder.embed(datas)
         with service.writing() as m:
             result = m.add(
                 datas,
+                vectors=vectors,
                 labels=label if label is not None else labels,
                 metadata=[{"filename": n} for n in names],
                 source="upload",
