@@ -11,7 +11,6 @@ index without them once they pile up.
 from __future__ import annotations
 
 import logging
-from typing import Optional
 
 import numpy as np
 

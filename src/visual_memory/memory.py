@@ -26,7 +26,6 @@ from .errors import (
     ImageError,
     UnknownIdError,
     VectorError,
-    VisualMemoryError,
 )
 from .images import ImageLike, as_list, load_image, scan_folder
 from .index import VectorIndex, as_queries

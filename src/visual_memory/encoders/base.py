@@ -8,7 +8,6 @@ accuracy depends on reproducing it exactly.
 
 from __future__ import annotations
 
-import abc
 import functools
 import hashlib
 import json
@@ -226,8 +225,8 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norms, 1e-12)
 
 
-class Encoder(abc.ABC):
-    """Base class. Subclasses set ``spec`` and implement ``forward``.
+class Encoder:
+    """Base class. Subclasses set ``spec`` and ``_forward`` (a runtime callable).
 
     ``forward(batch)`` takes float32 (B, 3, S, S) preprocessed pixels and
     returns (B, dim) raw features; `embed` does decoding, preprocessing,
@@ -238,9 +237,13 @@ class Encoder(abc.ABC):
     backend: str = "torch"
     batch_size: int = 64
 
-    @abc.abstractmethod
     def forward(self, batch: np.ndarray) -> np.ndarray:
-        """float32 (B, 3, S, S) preprocessed pixels -> float32 (B, dim) raw features."""
+        """float32 (B, 3, S, S) preprocessed pixels -> float32 (B, dim) raw features.
+
+        Runs ``self._forward``, the runtime (`TorchForward`, `OnnxForward`) a
+        subclass sets up; override to add checks around it.
+        """
+        return self._forward(batch)
 
     @property
     def name(self) -> str:

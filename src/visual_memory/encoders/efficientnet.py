@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from functools import lru_cache
 from pathlib import Path
 
-import numpy as np
 
 from ..errors import EncoderError
 from . import register_encoder
@@ -124,9 +122,6 @@ class EfficientNetLite0(Encoder):
             self._forward = TorchForward(build_torch_module(), device=device)
         else:
             raise EncoderError(f"backend must be 'auto', 'onnx' or 'torch'; got {backend!r}")
-
-    def forward(self, batch: np.ndarray) -> np.ndarray:
-        return self._forward(batch)
 
 
 @register_encoder(

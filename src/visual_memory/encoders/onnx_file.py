@@ -81,9 +81,6 @@ class OnnxFileEncoder(Encoder):
         self.spec = spec
         self.path = path
 
-    def forward(self, batch: np.ndarray) -> np.ndarray:
-        return self._forward(batch)
-
 
 @register_scheme("onnx")
 def _make_onnx(target: str, **kwargs) -> OnnxFileEncoder:

@@ -156,9 +156,6 @@ class TimmEncoder(Encoder):
         self.spec = EncoderSpec(name=name, dim=dim, preprocess=pre, weights=weights_identity([path]),
                                 source=f"timm:{model_name}", extra={"file": str(path)})
 
-    def forward(self, batch: np.ndarray) -> np.ndarray:
-        return self._forward(batch)
-
 
 @register_scheme("timm")
 def _make_timm(target: str, **kwargs) -> TimmEncoder:
