@@ -34,7 +34,7 @@ CHILD = textwrap.dedent(
     import visual_memory as vm
     import visual_memory.memory
 
-    visual_memory.memory.COMMIT_EVERY = {COMMIT}
+    visual_memory.memory.adding.COMMIT_EVERY = {COMMIT}
     vm.open(sys.argv[1]).add(sys.argv[2])
     print("finished", flush=True)
     """

@@ -203,7 +203,8 @@ def test_forget_erases_every_byte_and_receipt_proves_it(mem):
     assert vm.open(mem.path, version=1).version == 1  # versions before the records existed stay readable
     assert mem.history()[-1]["op"] == "forget" and gone[0] not in (mem.path / "audit.jsonl").read_text()
     # RAM too: the forgotten rows' vectors are zeroed in the index
-    in_ram = mem._index.reconstruct(np.arange(mem._index.ntotal))
+    index = mem._state.index
+    in_ram = index.vectors(np.arange(index.ntotal))
     assert not any((in_ram == stored[g]).all(axis=1).any() for g in gone)
 
 
@@ -268,7 +269,7 @@ def test_small_adds_compact_automatically_and_optimize_shrinks(memory_dir, unit_
     size_before = m._store.size_bytes()
     r = m.optimize(cleanup_older_than=timedelta(0))
     assert r.fragments_after <= 2 and r.versions_removed > 0 and r.bytes_after < size_before
-    assert m._index.n_dead == 0 and len(m) == 100
+    assert m.index["ntotal"] == m.index["alive"] == len(m) == 100
     reopened = vm.open(memory_dir)
     q = x[1:20]
     assert [_nids(p) for p in reopened.classify(q, k=5)] == [_nids(p) for p in m.classify(q, k=5)]
@@ -280,8 +281,9 @@ def test_forget_with_approximate_index_drops_vectors_from_ram(memory_dir, unit_v
     m.add_embeddings(x, labels="a", ids=_ids(200))
     stored = m.get(_ids(200)[:5], columns=["id", "vector"])
     r = m.forget(ids=_ids(200)[:5])
-    assert r.verification["ok"] and len(m) == 195 and m._index.ntotal == 195  # rebuilt without them
-    in_ram = m._index.reconstruct(np.arange(m._index.ntotal))
+    assert r.verification["ok"] and len(m) == 195 and m.index["ntotal"] == 195  # rebuilt without them
+    index = m._state.index
+    in_ram = np.stack([index._index.reconstruct(i) for i in range(index.ntotal)])
     assert not any((in_ram == s["vector"]).all(axis=1).any() for s in stored)
     assert m.classify(x[10], k=1)[0].neighbors[0].id == _ids(200)[10]
     assert m.remove(ids=_ids(200)[10]).removed == 1  # row addresses still right after the rebuild

@@ -1,4 +1,4 @@
-"""VectorIndex: exact search is brute force; tombstones and compaction keep it so."""
+"""The index layer: exact search is brute force; tombstones and compaction keep it so; FAISS backends work."""
 
 from __future__ import annotations
 
@@ -7,9 +7,12 @@ import doctest
 import numpy as np
 import pytest
 
-from visual_memory import index as index_module
 from visual_memory.errors import VectorError
-from visual_memory.index import VectorIndex, as_queries
+from visual_memory.index import as_queries, base, exact, exact_knn, exact_self_knn, make_index
+
+
+def VectorIndex(dim, spec="Flat"):  # noqa: N802 - reads like the constructor it stands for
+    return make_index(spec, dim)
 
 
 def brute_force(xb: np.ndarray, xq: np.ndarray, k: int, alive: np.ndarray | None = None):
@@ -21,9 +24,23 @@ def brute_force(xb: np.ndarray, xq: np.ndarray, k: int, alive: np.ndarray | None
     return np.take_along_axis(sims, order, axis=1), order
 
 
-def test_module_doctest():
-    failures, tried = doctest.testmod(index_module)
-    assert tried > 0 and failures == 0
+@pytest.mark.parametrize("module", [exact, base])
+def test_module_doctests(module):
+    failures, tried = doctest.testmod(module)
+    assert failures == 0 and (tried > 0 or module is base)
+
+
+def test_exact_knn_and_self_knn_equal_brute_force(unit_vectors):
+    xb, xq = unit_vectors(700, 24, seed=21), unit_vectors(30, 24, seed=22)
+    sims, idx = exact_knn(xb, xq, 9, batch_size=7)  # several batches
+    ref_sims, ref_idx = brute_force(xb, xq, 9)
+    np.testing.assert_array_equal(idx, ref_idx)
+    np.testing.assert_allclose(sims, ref_sims, atol=1e-5)
+    s_sims, s_idx = exact_self_knn(xb, 5, batch_size=64)
+    full_sims, full_idx = brute_force(xb, xb, 6)
+    for i in range(len(xb)):  # each row's own match removed, the next five kept in order
+        want = [j for j in full_idx[i].tolist() if j != i][:5]
+        assert s_idx[i].tolist() == want
 
 
 def test_exact_search_equals_numpy_brute_force(unit_vectors):
@@ -57,7 +74,7 @@ def test_empty_index_returns_only_missing():
 def test_bad_k_is_refused(unit_vectors):
     ix = VectorIndex(8)
     ix.add(unit_vectors(3, 8))
-    with pytest.raises(ValueError, match="k must be >= 1; got 0"):
+    with pytest.raises(ValueError, match="k must be a positive integer; got 0"):
         ix.search(unit_vectors(1, 8), 0)
 
 
@@ -102,14 +119,22 @@ def test_compact_drops_tombstones_and_maps_rows(unit_vectors):
     sims, rows = ix.search(xq, 7)
     np.testing.assert_array_equal(old_rows[rows], before_rows)
     np.testing.assert_allclose(sims, before_sims, atol=1e-6)
-    np.testing.assert_array_equal(ix.reconstruct(np.array([0, 1])), xb[old_rows[:2]])
+    np.testing.assert_array_equal(ix.vectors(np.array([0, 1])), xb[old_rows[:2]])
 
 
-def test_reconstruct_returns_the_stored_vectors(unit_vectors):
+def test_exact_index_returns_the_stored_vectors_and_erases_them(unit_vectors, tmp_path):
     xb = unit_vectors(10, 8)
     ix = VectorIndex(8)
-    ix.add(xb)
-    np.testing.assert_array_equal(ix.reconstruct(np.array([7, 2])), xb[[7, 2]])
+    assert ix.lossless and ix.is_exact
+    for i in range(10):  # one at a time: the matrix grows without losing rows
+        ix.add(xb[i : i + 1])
+    np.testing.assert_array_equal(ix.vectors(np.array([7, 2])), xb[[7, 2]])
+    assert ix.erase(np.array([2])) is None
+    assert not ix.vectors(np.array([2])).any() and 2 not in ix.search(xb[[2]], 9)[1]
+    ix.save(tmp_path / "x.npz")
+    back = exact.ExactIndex.load(tmp_path / "x.npz", 8)
+    assert back.n_alive == 9 and back.ntotal == 10
+    np.testing.assert_array_equal(back.search(xb, 4)[1], ix.search(xb, 4)[1])
 
 
 @pytest.mark.parametrize("factory, params", [("HNSW32", {"efSearch": 128}), ("IVF8,Flat", {"nprobe": 8})])
@@ -118,28 +143,35 @@ def test_factory_strings_build_working_indexes(unit_vectors, factory, params):
     ix = VectorIndex(32, factory)
     assert not ix.is_exact
     ix.add(xb)
-    sims, rows = ix.search(xq, 5, **params)
+    default = ix.search(xq, 5)[1]
+    sims, rows = ix.search(xq, 5, params=params)
+    # Per-call parameters never stick: a later call without them is what it was before.
+    np.testing.assert_array_equal(ix.search(xq, 5)[1], default)
     _, ref_rows = brute_force(xb, xq, 5)
     # With the search parameter at its widest these indexes are (near) exact.
     recall = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(rows.tolist(), ref_rows.tolist())])
     assert recall >= 0.95, recall
     np.testing.assert_allclose(sims, np.einsum("qd,qkd->qk", xq, xb[rows]), atol=1e-5)
-    # Tombstones work for approximate indexes too; reconstruct goes through FAISS.
+    # Tombstones work for approximate indexes too, and compaction keeps the rest findable.
     ix.remove(rows[:, 0])
-    assert not np.isin(ix.search(xq, 5, **params)[1], rows[:, 0]).any()
-    np.testing.assert_allclose(ix.reconstruct(np.array([3])), xb[[3]], atol=1e-6)
+    after = ix.search(xq, 5, params=params)[1]
+    assert not np.isin(after, rows[:, 0]).any()
     old_rows = ix.compact()
     assert ix.ntotal == ix.n_alive == len(old_rows) == 1000 - len(np.unique(rows[:, 0]))
-    np.testing.assert_allclose(ix.reconstruct(np.arange(5)), xb[old_rows[:5]], atol=1e-6)
+    np.testing.assert_array_equal(old_rows[ix.search(xq, 5, params=params)[1]], after)
 
 
 def test_bad_factory_string_and_search_parameter():
     with pytest.raises(ValueError, match="invalid FAISS index factory string 'NoSuchIndex'"):
         VectorIndex(8, "NoSuchIndex")
+    with pytest.raises(ValueError, match="for 7-d vectors"):
+        VectorIndex(7, "IVF16,PQ4")  # PQ4 needs a dimension divisible by 4: checked at the real dimension
     ix = VectorIndex(8, "HNSW16")
     ix.add(np.eye(8, dtype=np.float32))
     with pytest.raises(ValueError, match="has no search parameter 'nprobe'"):
-        ix.search(np.eye(8, dtype=np.float32)[:1], 2, nprobe=4)
+        ix.search(np.eye(8, dtype=np.float32)[:1], 2, params={"nprobe": 4})
+    with pytest.raises(ValueError, match="exact search takes no search parameters"):
+        VectorIndex(8).search(np.eye(8, dtype=np.float32)[:1], 2, params={"nprobe": 4})
 
 
 def test_wrong_dimensions_are_refused_by_the_index(unit_vectors):

@@ -205,8 +205,8 @@ def test_refresh_reads_appends_incrementally_and_reloads_on_other_changes(memory
     writer.add_embeddings(x[:20], labels=["a", "b"] * 10, ids=[f"r{i}" for i in range(20)])
     reader = vm.open(memory_dir)
     reloads = []
-    full_reload = reader._load_index
-    monkeypatch.setattr(reader, "_load_index", lambda: (reloads.append(1), full_reload()))
+    full_reload = reader._state.load
+    monkeypatch.setattr(reader._state, "load", lambda: (reloads.append(1), full_reload()))
 
     writer.add_embeddings(x[20:40], labels=["c"] * 20, ids=[f"r{i}" for i in range(20, 40)])
     writer.add_embeddings(x[40:], labels=["a"] * 20, ids=[f"r{i}" for i in range(40, 60)])

@@ -133,8 +133,9 @@ def test_soft_prune_then_undo_is_audited_and_restores(clustered):
         assert w[rid] == pytest.approx(e, abs=1e-6)
     assert res.changed == int((expected < 1).sum()) == res.pruned > 0
     assert all(w[f"r{i}"] < 1 for i in flipped)
-    ops = [e["op"] for e in mem.history()]
-    assert "prune" in ops and "reweight" in ops
+    line = mem.history()[-1]  # one version, one audit line, with the parameters
+    assert line["op"] == "prune" and line["mode"] == "soft" and line["n"] == res.changed
+    assert line["version"] == res.version and line["version_before"] == before_version and line["k"] == 10
     # Pruning again computes the same weights: nothing compounds.
     assert mem.prune(mode="soft").changed == 0
     # The pruned weights are what votes use: a flipped record weighs less.
@@ -150,7 +151,7 @@ def test_soft_prune_then_undo_is_audited_and_restores(clustered):
 def test_hard_prune_silences_records_with_many_wrong(clustered):
     mem, *_ = clustered
     rel = P.reliability(mem, k=10)
-    res = P.prune(mem, mode="hard", threshold=3, k=10)
+    res = mem.prune(mode="hard", threshold=3, k=10)
     w = _weights(mem)
     silenced = {rid for rid, wr in zip(rel.ids, rel.wrong) if wr >= 3}
     assert silenced and {rid for rid, v in w.items() if v == 0} == silenced

@@ -397,6 +397,11 @@ def run(
     return receipt
 
 
+def finish_if_pending(store: Store) -> Optional[ForgetReceipt]:
+    """`finish_pending` if a journal is there (the ``on_lock`` hook of `Store.writing`)."""
+    return finish_pending(store) if pending(store.path) else None
+
+
 def finish_pending(store: Store) -> Optional[ForgetReceipt]:
     """Complete an interrupted forget (inside `Store.writing`). A failed verification is logged, not raised."""
     journal = json.loads((store.path / JOURNAL).read_text())

@@ -24,6 +24,8 @@ import numpy as np
 
 from . import vote as voting
 from .errors import VisualMemoryError
+from .index import check_k
+from .rows import LabelCodes
 
 if TYPE_CHECKING:  # pragma: no cover
     from .memory import Memory
@@ -62,7 +64,7 @@ def export_neighbors(
     -------
     dict query id -> record with the six fields; distances are ``1 - cosine``.
     """
-    mem._check_k(k)
+    check_k(k)
     ids = [str(i) for i in query_ids]
     n = len(np.atleast_2d(queries))
     if len(ids) != n:
@@ -73,7 +75,8 @@ def export_neighbors(
     if query_labels is not None and len(query_labels) != n:
         raise ValueError(f"got {n} queries but {len(query_labels)} labels")
     feat = featurizer or mem.info()["encoder"]
-    sims, rows = mem._search(queries, k, False, {})
+    sims, rows = mem.search(queries, k=k)
+    table = mem.rows
     out = {}
     for q, qid in enumerate(ids):
         present = rows[q] >= 0
@@ -82,8 +85,8 @@ def export_neighbors(
             "featurizer": feat,
             "image_id": qid,
             "image_class": None if query_labels is None else query_labels[q],
-            "neighbor_image_ids": [mem._ids[i] for i in r],
-            "neighbor_classes": [mem._labels[mem._codes[i]] for i in r],
+            "neighbor_image_ids": [table.ids[i] for i in r.tolist()],
+            "neighbor_classes": table.labels.decode(table.codes[r]).tolist(),
             "neighbor_distances": [float(1.0 - s) for s in sims[q][present]],
         }
     if path is not None:
@@ -156,19 +159,17 @@ def evaluate_neighbors(records: Sequence[dict], *, ks: Sequence[int] = (1, 10, 5
     ks = sorted({min(int(k), K) for k in ks if int(k) >= 1})
     if not ks:
         raise ValueError("ks must hold positive integers")
-    names = sorted({str(c) for r in recs for c in r["neighbor_classes"]} | {str(r["image_class"]) for r in recs})
-    code = {c: i for i, c in enumerate(names)}
+    coder = LabelCodes.sorted([c for r in recs for c in r["neighbor_classes"]], [r["image_class"] for r in recs])
     n = len(recs)
     codes = np.full((n, K), -1, dtype=np.int64)
     sims = np.full((n, K), -np.inf)
     for q, r in enumerate(recs):
         m = len(r["neighbor_classes"])
-        codes[q, :m] = [code[str(c)] for c in r["neighbor_classes"]]
+        codes[q, :m] = coder.encode(r["neighbor_classes"], add=False)
         sims[q, :m] = 1.0 - np.asarray(r["neighbor_distances"], dtype=np.float64)
-    y = np.array([code[str(r["image_class"])] for r in recs])
+    y = coder.encode([r["image_class"] for r in recs], add=False)
     acc = {}
     for v in votes:
-        contrib = voting.neighbor_weights(sims, v, **(vote_params or {}).get(v, {}))
-        pred = voting.predict_every_k(codes, contrib, len(names), ks)
-        acc[v] = {k: float((pred[:, i] == y).mean()) for i, k in enumerate(ks)}
+        a = voting.accuracy_every_k(codes, sims, y, len(coder), ks, v, **(vote_params or {}).get(v, {}))
+        acc[v] = dict(zip(ks, a.tolist()))
     return {"n_queries": n, "featurizer": sorted({str(r["featurizer"]) for r in recs}), "accuracy": acc}

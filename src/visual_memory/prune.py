@@ -36,7 +36,7 @@ import numpy as np
 
 from . import vote as voting
 from .errors import VisualMemoryError
-from .progress import progress_bar
+from .index import as_queries, check_k, exact_self_knn
 from .store import DERIVED_CACHE
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -55,29 +55,6 @@ BATCH = 2048  # queries per exact search: a (2048 x n) similarity block at a tim
 # -- pure array functions ---------------------------------------------------------------
 
 
-def drop_self(sims: np.ndarray, nbrs: np.ndarray, own: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Remove each query's own entry from k+1 neighbour lists, keeping order.
-
-    Parameters
-    ----------
-    sims, nbrs : arrays of shape (n, k + 1), nearest first
-    own : int array of shape (n,), each query's own id in ``nbrs``' id space
-    k : int
-
-    Returns
-    -------
-    sims : float32 (n, k), nbrs : int64 (n, k). Where the record itself was
-    not retrieved (an exact duplicate can outrank it on ties), the last column
-    is dropped instead.
-    """
-    is_self = nbrs == own[:, None]
-    missing = ~is_self.any(axis=1)
-    is_self[missing, -1] = True
-    order = np.argsort(is_self, axis=1, kind="stable")[:, :k]
-    return (np.take_along_axis(sims, order, axis=1).astype(np.float32, copy=False),
-            np.take_along_axis(nbrs, order, axis=1).astype(np.int64, copy=False))
-
-
 def exact_self_neighbors(
     vectors: np.ndarray, k: int, *, batch_size: int = BATCH, progress: bool | str = False
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -88,38 +65,13 @@ def exact_self_neighbors(
     vectors : float32 array of shape (n, d), L2-normalised
     k : int
         Neighbours per vector (capped at n - 1).
-    batch_size : int, default 2048
-    progress : bool or str
 
     Returns
     -------
     sims : float32 array of shape (n, k), descending
     nbrs : int64 array of shape (n, k), positions into ``vectors``
     """
-    import faiss
-
-    x = np.ascontiguousarray(vectors, dtype=np.float32)
-    n = len(x)
-    index = faiss.IndexFlatIP(x.shape[1])
-    index.add(x)
-    return _batched(lambda q, kk: index.search(q, kk), lambda lo, hi: x[lo:hi], np.arange(n), n, k, batch_size, progress)
-
-
-def _batched(search, queries_of, own_positions, n, k, batch_size, progress, map_rows=None):
-    k = min(int(k), max(n - 1, 0))
-    sims = np.full((len(own_positions), k), -np.inf, dtype=np.float32)
-    nbrs = np.full((len(own_positions), k), -1, dtype=np.int64)
-    if k == 0:
-        return sims, nbrs
-    with progress_bar(progress, total=len(own_positions), unit="rec") as bar:
-        for lo in range(0, len(own_positions), batch_size):
-            hi = min(lo + batch_size, len(own_positions))
-            s, r = search(queries_of(lo, hi), k + 1)
-            if map_rows is not None:
-                r = map_rows(r)
-            sims[lo:hi], nbrs[lo:hi] = drop_self(s, r, own_positions[lo:hi], k)
-            bar.advance(hi - lo)
-    return sims, nbrs
+    return exact_self_knn(vectors, k, batch_size=batch_size, progress=progress)
 
 
 def neighbor_counts(codes: np.ndarray, nbrs: np.ndarray, k: Optional[int] = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -240,10 +192,10 @@ class SelfNeighbors:
         return SelfNeighbors(self.rows, self.nbrs[:, :k], self.sims[:, :k], self.version)
 
 
-def _alive_key(mem: "Memory", rows: np.ndarray) -> str:
-    h = hashlib.sha256(mem._index.factory.encode())
-    for r in rows:
-        h.update(mem._ids[r].encode())
+def _alive_key(ids: list[str]) -> str:
+    h = hashlib.sha256()
+    for rid in ids:
+        h.update(rid.encode())
         h.update(b"\0")
     return h.hexdigest()[:32]
 
@@ -270,50 +222,26 @@ def self_neighbors(mem: "Memory", *, k: int = HARD_K, progress: bool | str = Fal
 
     Notes
     -----
-    Search is exact whatever the memory's index: a Flat index is searched in
-    place in batches of 2,048 queries (vectors read back from it); any other
-    index is copied into a temporary exact one first, because pruning decisions
-    must not depend on an approximate search's misses.
+    Search is exact whatever the memory's index, over the stored vectors
+    (`Memory.vectors`), because pruning decisions must not depend on an
+    approximate search's misses or a compressed index's reconstructions.
     """
-    mem._check_k(k)
-    mem._sync()
-    rows = np.flatnonzero(mem._index._alive).astype(np.int64)
+    check_k(k)
+    table = mem.rows
+    rows = table.alive_rows()
     n = len(rows)
     want = min(int(k), max(n - 1, 0))
     path = None
     if cache:
-        key = _alive_key(mem, rows)
+        key = _alive_key([table.ids[r] for r in rows.tolist()])
         path = mem.path / CACHE_DIR / f"{_CACHE_PREFIX}{key}.npz"
         hit = _load_cache(path, n, want)
         if hit is not None:
             return SelfNeighbors(rows, hit[0][:, :want], hit[1][:, :want], mem.version)
-    sims, nbrs = _search_rows(mem, rows, np.arange(n), want, progress)
+    sims, nbrs = exact_self_neighbors(mem.vectors(rows), want, progress=progress)
     if path is not None:
         _save_cache(path, nbrs, sims)
     return SelfNeighbors(rows, nbrs, sims, mem.version)
-
-
-def _search_rows(mem: "Memory", rows: np.ndarray, positions: np.ndarray, k: int, progress) -> tuple[np.ndarray, np.ndarray]:
-    """Exact self-neighbours of the records at ``positions`` (into ``rows``), as positions into ``rows``."""
-    ix = mem._index
-    n = len(rows)
-    if not ix.is_exact:
-        vectors = ix.reconstruct(rows)
-        if len(positions) == n:
-            return exact_self_neighbors(vectors, k, progress=progress)
-        import faiss
-
-        flat = faiss.IndexFlatIP(vectors.shape[1])
-        flat.add(vectors)
-        return _batched(lambda q, kk: flat.search(q, kk), lambda lo, hi: vectors[positions[lo:hi]], positions, n, k, BATCH, progress)
-    pos_of_row = np.full(ix.ntotal, -1, dtype=np.int64)
-    pos_of_row[rows] = np.arange(n)
-    return _batched(
-        lambda q, kk: ix.search(q, kk),
-        lambda lo, hi: ix.reconstruct(rows[positions[lo:hi]]),
-        positions, n, k, BATCH, progress,
-        map_rows=lambda r: np.where(r >= 0, pos_of_row[np.maximum(r, 0)], -1),
-    )
 
 
 def _load_cache(path: Path, n: int, k: int) -> Optional[tuple[np.ndarray, np.ndarray]]:
@@ -377,9 +305,11 @@ class Reliability:
 def reliability(mem: "Memory", *, k: int = SOFT_K, progress: bool | str = False) -> Reliability:
     """``wrong``, ``right`` and ``agreement`` for every record, over the top ``k`` self-neighbours."""
     sn = self_neighbors(mem, k=max(k, 1), progress=progress)
-    codes = mem._codes[sn.rows]
+    table = mem.rows
+    codes = table.codes[sn.rows]
     wrong, right, agreement = neighbor_counts(codes, sn.nbrs, k)
-    return Reliability([mem._ids[r] for r in sn.rows], [mem._labels[c] for c in codes], wrong, right, agreement, k, sn.version)
+    return Reliability([table.ids[r] for r in sn.rows.tolist()], table.labels.decode(codes).tolist(), wrong, right,
+                       agreement, k, sn.version)
 
 
 @dataclass(frozen=True)
@@ -403,7 +333,22 @@ class PruneResult:
                 "version_before": self.version_before, **self.params}
 
 
-def prune(
+@dataclass(frozen=True)
+class PrunePlan:
+    """The weights a prune would set (computed, not applied): `Memory.prune` applies it."""
+
+    mode: str
+    ids: list[str]
+    weights: np.ndarray
+    pruned: int
+    params: dict = field(default_factory=dict)
+
+    @property
+    def audit(self) -> dict:
+        return {"mode": self.mode, "pruned": self.pruned, **self.params}
+
+
+def plan(
     mem: "Memory",
     *,
     mode: str = "soft",
@@ -411,9 +356,8 @@ def prune(
     k: Optional[int] = None,
     c: float = SOFT_C,
     progress: bool | str = False,
-    lock_timeout: float = 0.0,
-) -> PruneResult:
-    """Lower the vote weight of records that mislead their neighbours.
+) -> PrunePlan:
+    """The weights that pruning gives the records (nothing is written).
 
     Parameters
     ----------
@@ -430,23 +374,22 @@ def prune(
         Neighbours counted per record: default 10 (soft, as in the paper), 100 (hard).
     c : float, default 1.75
         Soft-pruning constant.
-    lock_timeout : float, default 0
-        Seconds to wait for another writer.
 
     Returns
     -------
-    PruneResult
+    PrunePlan
+        Only records whose weight would change are listed.
 
     Every weight is computed from the same self-neighbours whatever the
     current weights are, so pruning twice gives the same weights (not
-    compounded). Weights change through `Memory.reweight`, so the change is one
-    audited version; a second audit line (op ``"prune"``) records the mode,
-    parameters and the version to restore from.
+    compounded). `Memory.prune` applies the plan as one audited version
+    (op ``"prune"``, with the mode, parameters and the version before, which
+    is what undo restores from).
     """
     if mode not in ("soft", "hard", "undo"):
         raise ValueError(f"mode must be 'soft', 'hard' or 'undo'; got {mode!r}")
     if mode == "undo":
-        return _undo(mem, lock_timeout=lock_timeout)
+        return _undo_plan(mem)
     if mode == "hard":
         if threshold is None or isinstance(threshold, bool) or not isinstance(threshold, (int, np.integer)) or threshold < 1:
             raise ValueError(f"hard pruning needs an integer threshold >= 1 (records with wrong >= threshold stop voting); got {threshold!r}")
@@ -454,43 +397,44 @@ def prune(
         raise ValueError("threshold applies to hard pruning only; soft pruning weights every record by c / (1 + wrong)")
     if mode == "soft":
         soft_weights(np.zeros(1), c)  # validates c before any work
-    k = int(k if k is not None else (SOFT_K if mode == "soft" else HARD_K))
-    mem._check_k(k)
+    k = check_k(k if k is not None else (SOFT_K if mode == "soft" else HARD_K))
     rel = reliability(mem, k=k, progress=progress)
     new = (np.where(rel.wrong >= threshold, 0.0, 1.0) if mode == "hard" else soft_weights(rel.wrong, c)).astype(np.float32)
     params = {"k": k, "threshold": threshold} if mode == "hard" else {"k": k, "c": float(c)}
-    return _apply(mem, rel.ids, new, mode=mode, params=params, lock_timeout=lock_timeout)
+    pruned = int((new == 0).sum() if mode == "hard" else (new < 1).sum())
+    return _changes(mem, rel.ids, new, mode=mode, pruned=pruned, params=params)
 
 
-def _apply(mem: "Memory", ids: list[str], new: np.ndarray, *, mode: str, params: dict, lock_timeout: float,
-           undoes: Optional[int] = None) -> PruneResult:
-    with mem._store.writing(timeout=lock_timeout):
-        mem._sync()
-        rows = np.array([mem._row_of[i] for i in ids], dtype=np.int64)
-        current = mem._weights[rows]
-        change = np.flatnonzero(~np.isclose(current, new, rtol=0, atol=1e-7))
-        before = mem.version
-        if len(change):
-            mem.reweight([ids[i] for i in change], [float(new[i]) for i in change])
-        pruned = int((new == 0).sum() if mode == "hard" else (new < 1).sum())
-        extra = {"undoes": undoes} if undoes is not None else {}
-        mem._store.audit("prune", mode=mode, changed=int(len(change)), pruned=pruned, version_before=before,
-                         version_after=mem.version, **params, **extra)
-        return PruneResult(mem.version, mode, int(len(change)), pruned, before, params)
+def _changes(mem: "Memory", ids: list[str], new: np.ndarray, *, mode: str, pruned: int, params: dict) -> PrunePlan:
+    table = mem.rows
+    rows, _ = table.rows_of(ids)
+    change = np.flatnonzero(~np.isclose(table.weights[rows], new, rtol=0, atol=1e-7))
+    return PrunePlan(mode, [ids[i] for i in change.tolist()], new[change], pruned, params)
 
 
-def _undo(mem: "Memory", *, lock_timeout: float) -> PruneResult:
+def _prune_lines(mem: "Memory") -> list[dict]:
+    """Audit lines of prunes that changed weights, with ``version_before``/``version_after`` (either log format)."""
+    out = []
+    for e in mem.history():
+        if e.get("op") != "prune" or not e.get("changed", e.get("n")):
+            continue
+        after = e.get("version_after", e.get("version"))
+        out.append({**e, "version_after": int(after), "version_before": int(e.get("version_before", after - 1))})
+    return out
+
+
+def _undo_plan(mem: "Memory") -> PrunePlan:
     from .store import Store
 
-    entries = [e for e in mem.history() if e.get("op") == "prune"]
+    entries = _prune_lines(mem)
     undone = {e.get("undoes") for e in entries if e.get("mode") == "undo"}
-    todo = [e for e in entries if e.get("mode") != "undo" and e.get("version_after") not in undone and e.get("changed")]
+    todo = [e for e in entries if e.get("mode") != "undo" and e["version_after"] not in undone]
     if not todo:
         raise VisualMemoryError(f"{mem.path}: no prune to undo (every prune in the audit log is undone or changed nothing)")
     last = todo[-1]
     try:
-        old = Store.open(mem.path, version=int(last["version_before"]))
-        pruned_at = Store.open(mem.path, version=int(last["version_after"]))
+        old = Store.open(mem.path, version=last["version_before"])
+        pruned_at = Store.open(mem.path, version=last["version_after"])
     except VisualMemoryError as exc:
         raise VisualMemoryError(
             f"{mem.path}: cannot undo the prune at version {last['version_after']}: an earlier version it needs "
@@ -498,13 +442,14 @@ def _undo(mem: "Memory", *, lock_timeout: float) -> PruneResult:
         ) from exc
     w_old = _weights_by_id(old)
     w_pruned = _weights_by_id(pruned_at)
+    table = mem.rows
     ids, weights = [], []
     for rid, w in w_pruned.items():
-        if rid in mem and rid in w_old and w_old[rid] != w and np.isclose(mem._weights[mem._row_of[rid]], w, atol=1e-7):
+        row = table.row(rid)
+        if row is not None and rid in w_old and w_old[rid] != w and np.isclose(table.weights[row], w, atol=1e-7):
             ids.append(rid)
             weights.append(w_old[rid])
-    return _apply(mem, ids, np.array(weights, dtype=np.float32), mode="undo", params={},
-                  lock_timeout=lock_timeout, undoes=last["version_after"])
+    return PrunePlan("undo", ids, np.array(weights, dtype=np.float32), 0, {"undoes": last["version_after"]})
 
 
 def _weights_by_id(store) -> dict[str, float]:
@@ -554,12 +499,13 @@ def label_issues(mem: "Memory", *, k: int = SOFT_K, limit: Optional[int] = 20, m
     list of LabelIssue, sorted by score, then by ``wrong`` (times the record
     misled a neighbour), both descending.
     """
-    mem._check_k(k)
+    check_k(k)
     if limit is not None and (isinstance(limit, bool) or limit < 0):
         raise ValueError(f"limit must be >= 0 or None; got {limit!r}")
     sn = self_neighbors(mem, k=k, progress=progress).top(k)
-    codes = mem._codes[sn.rows]
-    score, suggested = mislabel_scores(codes, sn.nbrs, sn.sims, len(mem._labels), k=k)
+    table = mem.rows
+    codes = table.codes[sn.rows]
+    score, suggested = mislabel_scores(codes, sn.nbrs, sn.sims, len(table.labels), k=k)
     wrong, _, _ = neighbor_counts(codes, sn.nbrs, k)
     order = np.lexsort((-wrong, -score))
     order = order[score[order] >= min_score]
@@ -567,9 +513,9 @@ def label_issues(mem: "Memory", *, k: int = SOFT_K, limit: Optional[int] = 20, m
         order = order[:limit]
     out = []
     for i in order:
-        nb = [(mem._ids[sn.rows[j]], mem._labels[codes[j]], float(s)) for j, s in zip(sn.nbrs[i], sn.sims[i]) if j >= 0]
-        sug = mem._labels[suggested[i]] if suggested[i] >= 0 else None
-        out.append(LabelIssue(mem._ids[sn.rows[i]], mem._labels[codes[i]], sug, float(score[i]), int(wrong[i]), nb))
+        nb = [(table.ids[sn.rows[j]], table.labels[codes[j]], float(s)) for j, s in zip(sn.nbrs[i], sn.sims[i]) if j >= 0]
+        sug = table.labels[suggested[i]] if suggested[i] >= 0 else None
+        out.append(LabelIssue(table.ids[sn.rows[i]], table.labels[codes[i]], sug, float(score[i]), int(wrong[i]), nb))
     return out
 
 
@@ -604,8 +550,6 @@ class KNNLabelIssues:
         self.alpha = alpha
 
     def fit(self, X, y: Sequence) -> "KNNLabelIssues":
-        from .index import as_queries
-
         X = np.asarray(X)
         if X.ndim != 2:
             raise ValueError(f"X must have shape (n_samples, n_features); got {X.shape}")

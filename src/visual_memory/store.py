@@ -27,7 +27,7 @@ import socket
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -204,10 +204,12 @@ class Store:
     # -- writing -------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def writing(self, *, timeout: float = 0.0) -> Iterator["Store"]:
+    def writing(self, *, timeout: float = 0.0, on_lock: Optional[Callable[["Store"], Any]] = None) -> Iterator["Store"]:
         """Hold the cross-process writer lock; move to the latest version first.
 
         ``timeout`` seconds to wait for another writer (0: fail at once).
+        ``on_lock(store)`` runs once the lock is held, before the audit log is
+        reconciled (the memory finishes an interrupted forget there).
 
         Raises
         ------
@@ -242,7 +244,8 @@ class Store:
         self._lock_fd = fd
         try:
             self.refresh()
-            self.finish_pending_forget()
+            if on_lock is not None:
+                on_lock(self)
             self.reconcile_audit()
             yield self
         finally:
@@ -473,15 +476,6 @@ class Store:
             write_json_atomic(self.path / MANIFEST, manifest)
             self.manifest = manifest
         return salt
-
-    def finish_pending_forget(self):
-        """Complete a `forget` that a crash interrupted (inside `writing()`); its receipt, or None."""
-        from . import erasure
-
-        if not (self.path / erasure.JOURNAL).exists():
-            return None
-        self._require_lock()
-        return erasure.finish_pending(self)
 
 
 FRAGMENT_BYTES = 64 * 1024 * 1024

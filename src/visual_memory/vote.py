@@ -162,3 +162,49 @@ def predict_every_k(codes: np.ndarray, weights: np.ndarray, n_labels: int, ks: O
         if r + 1 in wanted:
             out[:, wanted[r + 1]] = _winners(totals, first_rank)
     return out
+
+
+def contributions(similarities: np.ndarray, vote: str = "rank", record_weights: Optional[np.ndarray] = None,
+                  **params: float) -> np.ndarray:
+    """Each neighbour's final contribution: its vote weight times its record's weight.
+
+    The one place votes and record weights meet (everything that votes calls it).
+
+    Parameters
+    ----------
+    similarities : array of shape (n_queries, k)
+    vote : str
+    record_weights : array of shape (n_queries, k), optional
+        The retrieved records' own weights (default 1).
+    **params : the vote's parameters
+
+    Returns
+    -------
+    float64 array of shape (n_queries, k)
+    """
+    w = neighbor_weights(similarities, vote, **params)
+    return w if record_weights is None else w * np.asarray(record_weights, dtype=np.float64)
+
+
+def accuracy_every_k(codes: np.ndarray, similarities: np.ndarray, truth: np.ndarray, n_labels: int,
+                     ks: Optional[Sequence[int]] = None, vote: str = "rank", record_weights: Optional[np.ndarray] = None,
+                     **params: float) -> np.ndarray:
+    """Top-1 accuracy of a vote at every k, from one neighbour search.
+
+    Parameters
+    ----------
+    codes, similarities : arrays of shape (n_queries, K)
+        Neighbour label codes (-1 = none) and similarities, nearest first.
+    truth : int array of shape (n_queries,)
+        True label codes (a code no neighbour has counts as wrong).
+    n_labels : int
+    ks : sequence of int, optional
+        Default 1..K.
+    vote, record_weights, **params : as `contributions`
+
+    Returns
+    -------
+    float64 array of shape (len(ks),)
+    """
+    pred = predict_every_k(codes, contributions(similarities, vote, record_weights, **params), n_labels, ks)
+    return (pred == np.asarray(truth)[:, None]).mean(axis=0)

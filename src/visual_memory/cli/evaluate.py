@@ -27,13 +27,11 @@ def prune(
     lock_timeout: float = typer.Option(0.0, "--lock-timeout", help="Seconds to wait for another writer."),
 ) -> None:
     """Lower the vote weight of records that mislead their neighbours (audited, reversible)."""
-    from ..prune import prune as run_prune
-
     modes = [m for m, on in (("hard", hard), ("soft", soft), ("undo", undo)) if on]
     if len(modes) != 1:
         raise typer.BadParameter("choose exactly one of --hard, --soft, --undo")
     mem = vm.open(memory)
-    res = run_prune(mem, mode=modes[0], threshold=threshold, k=k, c=c, lock_timeout=lock_timeout,
+    res = mem.prune(mode=modes[0], threshold=threshold, k=k, c=c, lock_timeout=lock_timeout,
                     progress=False if as_json else "self-neighbours")
     if as_json:
         print_json(res.to_dict())

@@ -33,9 +33,9 @@ __all__ = ["EvalData", "HOLDOUT", "NEW_CLASSES", "NOISE_LEVELS", "SIZES", "knn",
 
 def memory_arrays(mem: "Memory") -> tuple[np.ndarray, list[str], np.ndarray]:
     """The alive records' vectors (n, dim), labels and weights, in store order."""
-    mem._sync()
-    rows = np.flatnonzero(mem._index._alive)
-    return mem._index.reconstruct(rows), [mem._labels[c] for c in mem._codes[rows]], mem._weights[rows].astype(np.float64)
+    table = mem.rows
+    rows = table.alive_rows()
+    return mem.vectors(rows), table.labels.decode(table.codes[rows]).tolist(), table.weights[rows].astype(np.float64)
 
 
 def report_for_memory(

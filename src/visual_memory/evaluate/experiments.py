@@ -20,7 +20,9 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .. import vote as voting
+from ..index import exact_knn as knn
 from ..prune import SOFT_K, exact_self_neighbors, mislabel_scores, neighbor_counts, soft_weights
+from ..rows import LabelCodes
 from ..progress import progress_bar
 from ..scores import auroc, expected_calibration_error, label_agreement, ood_scores, plurality_counts, vote_share
 
@@ -67,44 +69,6 @@ class EvalData:
     new_val_x: Optional[np.ndarray] = None
     new_val_y: Optional[Sequence[str]] = None
     new_name: str = "new classes"
-
-
-def knn(db: np.ndarray, queries: np.ndarray, k: int, *, batch_size: int = 4096, progress: bool | str = False) -> tuple[np.ndarray, np.ndarray]:
-    """Exact inner-product kNN: (sims, idx) of shape (n_queries, min(k, n_db)), nearest first."""
-    import faiss
-
-    db = np.ascontiguousarray(db, dtype=np.float32)
-    q = np.ascontiguousarray(queries, dtype=np.float32)
-    k = min(int(k), len(db))
-    index = faiss.IndexFlatIP(db.shape[1])
-    index.add(db)
-    sims = np.empty((len(q), k), np.float32)
-    idx = np.empty((len(q), k), np.int64)
-    with progress_bar(progress, total=len(q), unit="query") as bar:
-        for lo in range(0, len(q), batch_size):
-            sims[lo : lo + batch_size], idx[lo : lo + batch_size] = index.search(q[lo : lo + batch_size], k)
-            bar.advance(min(batch_size, len(q) - lo))
-    return sims, idx
-
-
-class _Coded:
-    """Labels as integer codes over one shared vocabulary."""
-
-    def __init__(self, *label_lists: Sequence[str]) -> None:
-        self.names = sorted({str(x) for labels in label_lists if labels is not None for x in labels})
-        self._code = {n: i for i, n in enumerate(self.names)}
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-    def __call__(self, labels: Sequence[str]) -> np.ndarray:
-        return np.array([self._code[str(x)] for x in labels], dtype=np.int64)
-
-
-def _accuracy_every_k(nb_codes, sims, rec_w, y, n_labels, ks, vote="rank", **params) -> np.ndarray:
-    contrib = voting.neighbor_weights(sims, vote, **params) * rec_w
-    pred = voting.predict_every_k(nb_codes, contrib, n_labels, ks)
-    return (pred == y[:, None]).mean(axis=0)
 
 
 def _best(ks: Sequence[int], acc: np.ndarray) -> dict:
@@ -173,8 +137,8 @@ def run_experiments(
     """
     tx = np.ascontiguousarray(data.train_x, dtype=np.float32)
     vx = np.ascontiguousarray(data.val_x, dtype=np.float32)
-    coder = _Coded(data.train_y, data.val_y, data.new_y, data.new_val_y)
-    ty, vy = coder(data.train_y), coder(data.val_y)
+    coder = LabelCodes.sorted(data.train_y, data.val_y, data.new_y, data.new_val_y)
+    ty, vy = coder.encode(data.train_y, add=False), coder.encode(data.val_y, add=False)
     L = len(coder)
     w = np.ones(len(tx)) if data.weights is None else np.asarray(data.weights, dtype=np.float64)
     if len(w) != len(tx) or len(ty) != len(tx) or len(vy) != len(vx):
@@ -192,7 +156,7 @@ def run_experiments(
         nb, nw = ty[idx], w[idx]
 
         # 1. accuracy vs k for the four votes (record weights honoured)
-        acc = {v: _accuracy_every_k(nb, sims, nw, vy, L, ks, v) for v in voting.VOTES}
+        acc = {v: voting.accuracy_every_k(nb, sims, vy, L, ks, v, nw) for v in voting.VOTES}
         out["accuracy_vs_k"] = {"ks": ks, **{v: a.tolist() for v, a in acc.items()}}
         out["best"] = {v: _best(ks, a) for v, a in acc.items()}
         out["at_k_max"] = {v: float(a[-1]) for v, a in acc.items()}
@@ -202,7 +166,7 @@ def run_experiments(
         for v, (p, values) in SWEEPS.items():
             rows = []
             for val in values:
-                a = _accuracy_every_k(nb, sims, nw, vy, L, ks, v, **{p: val})
+                a = voting.accuracy_every_k(nb, sims, vy, L, ks, v, nw, **{p: val})
                 rows.append({p: val, **{f"best_{key}": x for key, x in _best(ks, a).items()}, "at_k_max": float(a[-1]), "at_k_ref": float(a[k_ref - 1])})
             out["sweeps"][v] = {"param": p, "rows": rows}
         bar.advance()
@@ -215,7 +179,7 @@ def run_experiments(
 
         # 4. calibration at calib_k (rank vote)
         c_nb, c_s, c_w = nb[:, :calib_k], sims[:, :calib_k], nw[:, :calib_k]
-        winners, totals = voting.tally(c_nb, voting.neighbor_weights(c_s, "rank") * c_w, L)
+        winners, totals = voting.tally(c_nb, voting.contributions(c_s, "rank", c_w), L)
         correct = winners == vy
         share = vote_share(totals, winners)
         ece, bins = expected_calibration_error(share, correct)
@@ -265,8 +229,8 @@ def _scaling(tx, ty, vx, vy, L, sizes, K) -> dict:
         nb = ty[sub][ix]
         ones = np.ones_like(s, dtype=np.float64)
         ks = list(range(1, k + 1))
-        r = _accuracy_every_k(nb, s, ones, vy, L, ks, "rank")
-        p = _accuracy_every_k(nb, s, ones, vy, L, ks, "plurality")
+        r = voting.accuracy_every_k(nb, s, vy, L, ks, "rank", ones)
+        p = voting.accuracy_every_k(nb, s, vy, L, ks, "plurality", ones)
         rows.append({"per_class": n, "size": int(len(sub)), "k1": float(r[0]), "rank_best": _best(ks, r), "plurality_best": _best(ks, p),
                      "error": float(1 - r.max())})
     # The paper's law: log10(error) is linear in log10(log10(size)).
@@ -281,7 +245,7 @@ def _scaling(tx, ty, vx, vy, L, sizes, K) -> dict:
 
 def _vote_acc(nb, s, y, L, k, mask=None, w=None) -> float:
     nb, s = nb[:, :k], s[:, :k]
-    contrib = voting.neighbor_weights(s, "rank") * (1.0 if w is None else w[:, :k])
+    contrib = voting.contributions(s, "rank", None if w is None else w[:, :k])
     winners, _ = voting.tally(nb, contrib, L)
     ok = winners == y
     if mask is not None:
@@ -293,7 +257,7 @@ def _holdout(tx, ty, vx, vy, L, coder, holdout, K, k_ref, sims_all, idx_all) -> 
     names = [h for h in holdout if h in coder.names]
     if len(names) != len(holdout) or not holdout:
         return {"skipped": f"hold-out classes {list(holdout)} not all in the memory"}
-    hcodes = coder(names)
+    hcodes = coder.encode(names, add=False)
     in_h_train = np.isin(ty, hcodes)
     keep = np.flatnonzero(~in_h_train)
     q_new = np.isin(vy, hcodes)
@@ -320,7 +284,7 @@ def _new_classes(data, tx, ty, vx, vy, coder, K, k_ref, sims_all, idx_all) -> Op
         return {"skipped": "no new-class data given (Fashion-MNIST is not installed, or the memory has no encoder)"}
     nx = np.ascontiguousarray(data.new_x, np.float32)
     nvx = np.ascontiguousarray(data.new_val_x, np.float32)
-    ny, nvy = coder(data.new_y), coder(data.new_val_y)
+    ny, nvy = coder.encode(data.new_y, add=False), coder.encode(data.new_val_y, add=False)
     L = len(coder)
     both_x = np.concatenate([tx, nx])
     both_y = np.concatenate([ty, ny])
@@ -357,10 +321,10 @@ def _label_noise(ty, vy, L, idx, sims, sn_nbrs, sn_sims, levels, ks, k_ref, seed
             noisy[flip] = present[(pos + rng.integers(1, len(present), n_flip)) % len(present)]
         nb = noisy[idx]
         ones = np.ones_like(sims, dtype=np.float64)
-        plain = _accuracy_every_k(nb, sims, ones, vy, L, ks, "rank")
+        plain = voting.accuracy_every_k(nb, sims, vy, L, ks, "rank", ones)
         wrong, _, _ = neighbor_counts(noisy, sn_nbrs, SOFT_K)
         sw = soft_weights(wrong)
-        pruned = _accuracy_every_k(nb, sims, sw[idx], vy, L, ks, "rank")
+        pruned = voting.accuracy_every_k(nb, sims, vy, L, ks, "rank", sw[idx])
         row = {"noise": float(p), "n_flipped": n_flip,
                "rank_at_k_ref": float(plain[k_ref - 1]), "soft_at_k_ref": float(pruned[k_ref - 1]),
                "rank_best": _best(ks, plain), "soft_best": _best(ks, pruned)}

@@ -95,7 +95,7 @@ class MemoryService:
             self._checked = now
         with self.lock.write():
             mem = self.memory
-            if mem._store.latest_version() != mem.version:
+            if mem.latest_version() != mem.version:
                 mem.refresh()
 
     @contextlib.contextmanager

@@ -1,86 +1,36 @@
 """`Memory`: the facade users hold. Every verb delegates to a room below.
 
-images -> encoders -> store -> index -> vote. This module wires them and
-keeps the in-RAM index in step with the store; it does no search maths or I/O
-of its own.
+images -> encoders -> store -> index -> vote. The facade wires them: a
+`MemoryState` keeps the store, the row table and the index in step;
+`adding` and `editing` implement the verbs; this module documents them and
+does no search maths or I/O of its own.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Union
 
 import numpy as np
-import pyarrow as pa
 
-from . import vote as voting
-from .editing import UNKNOWN_ADDR, EditingMixin
-from .encoders import DEFAULT_ENCODER, Encoder, EncoderSpec, create_encoder
-from .errors import (
-    DuplicateIdError,
-    EncoderMismatchError,
-    ImageError,
-    UnknownIdError,
-    VectorError,
-)
-from .images import ImageLike, as_list, load_image, scan_folder
-from .index import VectorIndex, as_queries
-from .results import AddResult, EvalResult, Prediction
-from .store import Store, now_utc, record_schema, sql_in, sql_quote, vectors_from_column
+from .. import vote as voting
+from ..encoders import DEFAULT_ENCODER, Encoder, EncoderSpec, create_encoder
+from ..errors import EncoderMismatchError, UnknownIdError, VectorError
+from ..images import ImageLike, as_list
+from ..index import as_queries, check_k, validate_spec
+from ..results import AddResult, EditResult, EvalResult, ForgetReceipt, OptimizeResult, Prediction, RemoveResult
+from ..rows import RowTable
+from ..store import Store, sql_in, sql_quote
+from . import adding, editing
+from .state import MemoryState
 
 log = logging.getLogger(__name__)
 
-THUMBNAIL_SIZE = 64
-COMMIT_EVERY = 1024  # records per commit when adding many images: a crash loses at most this much work
-
-
-def _thumbnail(img) -> bytes:
-    from PIL import Image
-
-    t = img.copy()
-    t.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE), Image.Resampling.BICUBIC)
-    buf = io.BytesIO()
-    t.save(buf, format="JPEG", quality=85)
-    return buf.getvalue()
-
-
-def _as_labels(labels: Union[str, Sequence[str], None], n: int, what: str = "labels") -> list[str]:
-    if labels is None:
-        raise ValueError(f"{what} are required: give one label for all images or one per image")
-    if isinstance(labels, str):
-        labels = [labels] * n
-    labels = [str(x) if not isinstance(x, str) else x for x in (labels.tolist() if isinstance(labels, np.ndarray) else labels)]
-    if len(labels) != n:
-        raise ValueError(f"got {n} items but {len(labels)} {what}")
-    empty = [i for i, x in enumerate(labels) if not x.strip()]
-    if empty:
-        raise ValueError(f"{what} must be non-empty strings (empty at positions {empty[:5]})")
-    return labels
-
-
-def _as_ids(ids: Optional[Sequence[str]], n: int) -> Optional[list[str]]:
-    if ids is None:
-        return None
-    ids = [str(i) for i in ids]
-    if len(ids) != n:
-        raise ValueError(f"got {n} items but {len(ids)} ids")
-    if any(not i for i in ids):
-        raise ValueError("ids must be non-empty strings")
-    return ids
-
-
-def _lookup(table: list, keys: np.ndarray) -> list:
-    """``[table[i] for i in keys.ravel()]`` with None where ``i < 0``, fast."""
-    flat = keys.ravel().tolist()
-    out = list(map(table.__getitem__, flat)) if len(table) else [None] * len(flat)
-    if len(table) and (keys < 0).any():
-        for j in np.flatnonzero(keys.ravel() < 0).tolist():
-            out[j] = None
-    return out
+IdsLike = editing.IdsLike
 
 
 def _score_dicts(totals: np.ndarray, labels: list[str]) -> list[dict[str, float]]:
@@ -94,7 +44,7 @@ def _score_dicts(totals: np.ndarray, labels: list[str]) -> list[dict[str, float]
     return [dict(zip(names[a:b], vals[a:b])) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-class Memory(EditingMixin):
+class Memory:
     """An editable kNN image classifier over a durable memory directory.
 
     Create one with `visual_memory.create`, open one with `visual_memory.open`.
@@ -110,89 +60,12 @@ class Memory(EditingMixin):
     """
 
     def __init__(self, store: Store, encoder: Optional[Encoder] = None) -> None:
-        self._store = store
+        self._state = MemoryState(store)
         self._encoder = encoder
-        self._load_index()
 
-    # -- construction --------------------------------------------------------------
-
-    def _load_index(self) -> None:
-        """(Re)build the in-RAM index and row tables from the store."""
-        st = self._store
-        self._index = VectorIndex(st.dim, st.manifest.get("index", "Flat"))
-        self._ids: list[str] = []
-        self._row_of: dict[str, int] = {}
-        self._labels: list[str] = []  # label vocabulary, code -> label
-        self._code_of: dict[str, int] = {}
-        self._codes = np.zeros(0, dtype=np.int32)
-        self._weights = np.zeros(0, dtype=np.float32)
-        self._addr = np.zeros(0, dtype=np.uint64)  # Lance row address per row (editing.py)
-        self._known_frags = set(st.fragment_ids())
-        self._append_batches(st.iter_batches(list(self._INDEX_COLUMNS), with_row_address=True))
-        self._loaded_version = st.version
-
-    _INDEX_COLUMNS = ("id", "label", "weight", "vector")
-
-    def _append_batches(self, batches) -> None:
-        for batch in batches:
-            self._append_rows(
-                batch.column("id").to_pylist(),
-                batch.column("label").to_pylist(),
-                batch.column("weight").to_numpy(zero_copy_only=False),
-                vectors_from_column(batch.column("vector"), self.dim),
-                batch.column("_rowaddr").to_numpy().astype(np.uint64),
-            )
-
-    def _append_rows(
-        self, ids: list[str], labels: list[str], weights: np.ndarray, vectors: np.ndarray, addrs: Optional[np.ndarray] = None
-    ) -> None:
-        start = len(self._ids)
-        codes = np.empty(len(ids), dtype=np.int32)
-        for j, lab in enumerate(labels):
-            c = self._code_of.get(lab)
-            if c is None:
-                c = self._code_of[lab] = len(self._labels)
-                self._labels.append(lab)
-            codes[j] = c
-        self._ids.extend(ids)
-        self._row_of.update(zip(ids, range(start, start + len(ids))))
-        self._codes = np.concatenate([self._codes, codes])
-        self._weights = np.concatenate([self._weights, np.asarray(weights, dtype=np.float32)])
-        # Appended rows learn their address lazily, when an edit needs it.
-        self._addr = np.concatenate([self._addr, addrs if addrs is not None else np.full(len(ids), UNKNOWN_ADDR, np.uint64)])
-        self._index.add(vectors)
-
-    def _sync(self) -> None:
-        """Catch up with commits made by other processes.
-
-        Appends (the common case: another process adding images) are read
-        incrementally, fragment by fragment; any other change reloads.
-        """
-        st = self._store
-        if st.version == self._loaded_version:
-            return
-        appended = self._appended_fragments(self._loaded_version)
-        if appended is None:
-            self._load_index()
-            return
-        # scanner(), not to_batches(): the latter silently ignores `fragments=`.
-        scan = st.dataset.scanner(columns=list(self._INDEX_COLUMNS), with_row_address=True, fragments=appended)
-        self._append_batches(scan.to_batches())
-        self._known_frags |= {f.fragment_id for f in appended}
-        self._loaded_version = st.version
-
-    def _appended_fragments(self, since: int) -> Optional[list]:
-        """Fragments added after version ``since`` if every commit since was a pure append, else None."""
-        ds = self._store.dataset
-        try:
-            for v in range(since + 1, ds.version + 1):
-                txn = ds.read_transaction(v)
-                if txn is None or type(txn.operation).__name__ != "Append":
-                    return None
-            before = {f.fragment_id for f in ds.checkout_version(since).get_fragments()}
-        except Exception:  # e.g. the old version was erased by forget: reload instead
-            return None
-        return [f for f in ds.get_fragments() if f.fragment_id not in before]
+    @property
+    def _store(self) -> Store:
+        return self._state.store
 
     # -- properties ----------------------------------------------------------------
 
@@ -240,23 +113,47 @@ class Memory(EditingMixin):
             )
 
     def __len__(self) -> int:
-        return self._index.n_alive
+        return self._state.rows.n_alive
 
     def __contains__(self, record_id: str) -> bool:
-        row = self._row_of.get(record_id)
-        return row is not None and bool(self._index._alive[row])
+        return record_id in self._state.rows
 
     @property
     def labels(self) -> dict[str, int]:
         """Record count per label, largest first."""
-        alive = self._index._alive
-        counts = np.bincount(self._codes[alive], minlength=len(self._labels))
-        pairs = [(self._labels[c], int(n)) for c, n in enumerate(counts) if n > 0]
-        return dict(sorted(pairs, key=lambda p: (-p[1], p[0])))
+        return self._state.rows.label_counts()
 
     def ids(self) -> list[str]:
-        alive = self._index._alive
-        return [i for i, a in zip(self._ids, alive) if a]
+        """Ids of the live records, in row order."""
+        return self._state.rows.alive_ids()
+
+    @property
+    def rows(self) -> RowTable:
+        """The row table: ids, label codes, weights and row addresses of the index's rows.
+
+        Read-only for callers; `search` returns rows into it. ``rows.version``
+        is the memory version it describes.
+        """
+        return self._state.rows
+
+    @property
+    def index(self) -> dict[str, Any]:
+        """What the search index is: its spec, size, and whether it is exact."""
+        return self._state.index.stats()
+
+    def latest_version(self) -> int:
+        """The newest committed version on disk (another process may have made it; `refresh` loads it)."""
+        return self._store.latest_version()
+
+    def vectors(self, rows: Optional[np.ndarray] = None) -> np.ndarray:
+        """Stored vectors of these rows (default: every live record, in row order), float32 (n, dim).
+
+        Always the vectors as stored (from the records table, or from an
+        exact in-RAM index, which holds them bit for bit), never a lossy
+        index's reconstruction.
+        """
+        self._state.sync()
+        return self._state.vectors(self._state.rows.alive_rows() if rows is None else rows)
 
     RECORD_COLUMNS = ("id", "label", "source", "weight", "added_at", "metadata")
 
@@ -322,6 +219,7 @@ class Memory(EditingMixin):
             "encoder_fingerprint": enc.get("fingerprint"),
             "dim": self.dim,
             "index": self._store.manifest.get("index", "Flat"),
+            "index_stats": self._state.index.stats(),
             "version": self.version,
             "size_bytes": self._store.size_bytes(),
         }
@@ -333,7 +231,7 @@ class Memory(EditingMixin):
     def refresh(self) -> bool:
         """Pick up versions committed by other processes; True if anything changed."""
         changed = self._store.refresh()
-        self._sync()
+        self._state.sync()
         return changed
 
     def __repr__(self) -> str:
@@ -391,69 +289,10 @@ class Memory(EditingMixin):
         -------
         AddResult(version, added, skipped)
         """
-        items, labels = self._resolve_inputs(images, labels)
-        n = len(items)
-        ids = _as_ids(ids, n)
-        if metadata is not None and len(metadata) != n:
-            raise ValueError(f"got {n} images but {len(metadata)} metadata entries")
-        if n == 0:
-            return AddResult(self.version, 0)
-        encoder = self.encoder
-        if vectors is not None:
-            vectors = as_queries(vectors, self.dim, what="vectors")
-            if len(vectors) != n:
-                raise ValueError(f"got {n} images but {len(vectors)} vectors")
-        # Pass 1: decode-validate everything and resolve ids (cheap next to embedding).
-        hashes = self._validate_images(items, progress=progress)
-        ids = ids if ids is not None else hashes
-        sources = [source if source is not None else (os.fspath(it) if isinstance(it, (str, os.PathLike)) else None) for it in items]
-        with self._store.writing(timeout=lock_timeout):
-            self._sync()
-            keep = self._check_new_ids(ids, skip_existing)
-            skipped = [ids[i] for i in range(n) if not keep[i]]
-            sel = np.flatnonzero(keep)
-            if len(sel) == 0:
-                return AddResult(self.version, 0, skipped)
-            todo = [items[i] for i in sel]
-            added_ids: list[str] = []
-            step = max(COMMIT_EVERY, int(batch_size or encoder.batch_size))
-            pending: list[tuple[list, np.ndarray]] = []
-            pending_n = 0
-            offset = 0
-            if vectors is None:
-                batches = encoder.iter_batches(todo, batch_size=batch_size, progress=progress or False)
-            else:
-                batches = self._decoded_batches(todo, vectors[sel], step)
-            for loaded, batch_vectors in batches:
-                pending.append((loaded, batch_vectors))
-                pending_n += len(loaded)
-                if pending_n >= step:
-                    offset = self._commit_images(pending, sel, offset, ids, labels, sources, metadata, added_ids)
-                    pending, pending_n = [], 0
-            if pending:
-                self._commit_images(pending, sel, offset, ids, labels, sources, metadata, added_ids)
-        return AddResult(self.version, len(added_ids), skipped, added_ids)
-
-    @staticmethod
-    def _decoded_batches(items: list, vectors: np.ndarray, step: int):
-        for start in range(0, len(items), step):
-            yield [load_image(it) for it in items[start : start + step]], vectors[start : start + step]
-
-    def _commit_images(self, pending, sel, offset, ids, labels, sources, metadata, added_ids) -> int:
-        loaded = [li for batch, _ in pending for li in batch]
-        vectors = np.concatenate([v for _, v in pending])
-        idx = sel[offset : offset + len(loaded)]
-        self._commit(
-            ids=[ids[i] for i in idx],
-            labels=[labels[i] for i in idx],
-            vectors=vectors,
-            sources=[sources[i] for i in idx],
-            metadata=[metadata[i] for i in idx] if metadata is not None else None,
-            thumbnails=[_thumbnail(li.image) for li in loaded],
-            op="add",
+        return adding.add_images(
+            self._state, self.encoder, images, labels=labels, ids=ids, source=source, metadata=metadata,
+            skip_existing=skip_existing, vectors=vectors, batch_size=batch_size, progress=progress, lock_timeout=lock_timeout,
         )
-        added_ids.extend(ids[i] for i in idx)
-        return offset + len(loaded)
 
     def add_embeddings(
         self,
@@ -486,127 +325,10 @@ class Memory(EditingMixin):
         -------
         AddResult
         """
-        if encoder is not None:
-            self._check_vector_source(encoder)
-        vecs = as_queries(vectors, self.dim, what="vectors")
-        n = len(vecs)
-        labels = _as_labels(labels, n)
-        ids = _as_ids(ids, n)
-        if ids is None:
-            import hashlib
-
-            ids = [hashlib.sha256(v.tobytes()).hexdigest() for v in vecs]
-        if metadata is not None and len(metadata) != n:
-            raise ValueError(f"got {n} vectors but {len(metadata)} metadata entries")
-        if n == 0:
-            return AddResult(self.version, 0)
-        with self._store.writing(timeout=lock_timeout):
-            self._sync()
-            keep = self._check_new_ids(ids, skip_existing)
-            skipped = [ids[i] for i in range(n) if not keep[i]]
-            sel = np.flatnonzero(keep)
-            if len(sel):
-                self._commit(
-                    ids=[ids[i] for i in sel],
-                    labels=[labels[i] for i in sel],
-                    vectors=vecs[sel],
-                    sources=[source] * len(sel),
-                    metadata=[metadata[i] for i in sel] if metadata is not None else None,
-                    thumbnails=None,
-                    op="add_embeddings",
-                )
-        return AddResult(self.version, len(sel), skipped, [ids[i] for i in sel])
-
-    def _check_vector_source(self, encoder) -> None:
-        want = self._store.manifest["encoder"]
-        if isinstance(encoder, Encoder):
-            encoder = encoder.spec
-        if isinstance(encoder, EncoderSpec):
-            ok = encoder.fingerprint == want.get("fingerprint")
-            got = f"{encoder.name} (fingerprint {encoder.fingerprint})"
-        else:
-            ok = str(encoder) == want["name"]
-            got = str(encoder)
-        if not ok:
-            raise EncoderMismatchError(
-                f"vectors come from encoder {got}, but {self.path} holds vectors from {want['name']!r} "
-                f"(fingerprint {want.get('fingerprint')}); they are not comparable"
-            )
-
-    def _resolve_inputs(self, images, labels) -> tuple[list, list[str]]:
-        if isinstance(images, (str, os.PathLike)) and Path(images).is_dir():
-            if labels is None:
-                paths, folder_labels = scan_folder(images)
-                return list(paths), folder_labels
-            from .images import list_images
-
-            paths = list_images(images)
-            if not paths:
-                raise ImageError(f"{images}: no images found")
-            return list(paths), _as_labels(labels, len(paths))
-        items = as_list(images)
-        return items, _as_labels(labels, len(items))
-
-    def _validate_images(self, items: list, *, progress: bool | str) -> list[str]:
-        from concurrent.futures import ThreadPoolExecutor
-
-        from .progress import progress_bar
-
-        def check(item) -> str:
-            return load_image(item).sha256
-
-        with ThreadPoolExecutor(max_workers=2) as pool, progress_bar(
-            "validating" if progress else False, total=len(items), unit="img"
-        ) as bar:
-            hashes = []
-            for h in pool.map(check, items):
-                hashes.append(h)
-                bar.advance()
-        return hashes
-
-    def _check_new_ids(self, ids: list[str], skip_existing: bool) -> np.ndarray:
-        seen: dict[str, int] = {}
-        dups_in_input = []
-        for i, rid in enumerate(ids):
-            if rid in seen:
-                dups_in_input.append(rid)
-            seen.setdefault(rid, i)
-        if dups_in_input and not skip_existing:
-            raise DuplicateIdError(
-                f"the input repeats {len(dups_in_input)} id(s), e.g. {dups_in_input[:3]} "
-                "(identical images get identical content-hash ids; pass ids= or skip_existing=True)"
-            )
-        keep = np.array([(rid not in self) and seen[rid] == i for i, rid in enumerate(ids)], dtype=bool)
-        existing = [rid for rid in ids if rid in self]
-        if existing and not skip_existing:
-            raise DuplicateIdError(
-                f"{len(existing)} id(s) already in the memory, e.g. {existing[:3]}; nothing was added. "
-                "Pass skip_existing=True (CLI: --skip-existing) to add only the new ones."
-            )
-        return keep
-
-    def _commit(self, *, ids, labels, vectors, sources, metadata, thumbnails, op) -> None:
-        n = len(ids)
-        dim = self.dim
-        meta = [json.dumps(m, sort_keys=True) if m is not None else None for m in (metadata or [None] * n)]
-        table = pa.Table.from_arrays(
-            [
-                pa.array(ids, pa.string()),
-                pa.array(labels, pa.string()),
-                pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(vectors, np.float32).reshape(-1)), dim),
-                pa.array(sources, pa.string()),
-                pa.array(np.ones(n, dtype=np.float32)),
-                pa.array([now_utc()] * n, pa.timestamp("us", tz="UTC")),
-                pa.array(meta, pa.string()),
-                pa.array(thumbnails or [None] * n, pa.binary()),
-            ],
-            schema=record_schema(dim),
+        return adding.add_embeddings(
+            self._state, vectors, labels, ids=ids, source=source, metadata=metadata, encoder=encoder,
+            skip_existing=skip_existing, lock_timeout=lock_timeout,
         )
-        self._store.append(table)
-        self._append_rows(ids, labels, np.ones(n, np.float32), vectors, self._appended_addresses(n))
-        self._loaded_version = self._store.version
-        self._store.audit(op, n=n, ids=ids, labels=sorted(set(labels)))
-        self._after_mutation()
 
     # -- querying ------------------------------------------------------------------
 
@@ -621,7 +343,29 @@ class Memory(EditingMixin):
             raise VectorError(f"query vectors have dimension {queries.shape[1]}, but this memory holds {self.dim}-d vectors")
         return as_queries(self.embed(queries, progress=progress), self.dim)
 
-    def kneighbors(self, queries, *, k: int = 50, progress: bool | str = False, **search_params) -> tuple[np.ndarray, list[list[Optional[str]]]]:
+    def search(self, queries, *, k: int = 50, params: Optional[dict] = None,
+               progress: bool | str = False) -> tuple[np.ndarray, np.ndarray]:
+        """The k nearest records of each query, as rows of `rows` (FAISS's ``search -> (D, I)``).
+
+        Parameters
+        ----------
+        queries : image(s) or float array of shape (n, dim)
+        k : int, default 50
+        params : dict, optional
+            Per-call index parameters (``nprobe``, ``efSearch``); exact search takes none.
+
+        Returns
+        -------
+        similarities : float32 array of shape (n_queries, k), descending; -inf pads
+        rows : int64 array of shape (n_queries, k), rows of `rows`; -1 pads
+        """
+        check_k(k)
+        q = self._query_vectors(queries, progress)
+        self._state.sync()
+        return self._state.index.search(q, k, params=params)
+
+    def kneighbors(self, queries, *, k: int = 50, progress: bool | str = False,
+                   **search_params) -> tuple[np.ndarray, list[list[Optional[str]]]]:
         """Nearest records of each query.
 
         Returns
@@ -629,28 +373,8 @@ class Memory(EditingMixin):
         similarities : float32 array of shape (n_queries, k), descending
         ids : list of lists of record ids (None where the memory has fewer than k)
         """
-        q = self._query_vectors(queries, progress)
-        sims, rows = self._index.search(q, k, **search_params)
-        return sims, [[self._ids[r] if r >= 0 else None for r in row] for row in rows]
-
-    def _search(self, queries, k: int, progress, search_params) -> tuple[np.ndarray, np.ndarray]:
-        self._check_k(k)
-        q = self._query_vectors(queries, progress)
-        return self._index.search(q, k, **search_params)
-
-    @staticmethod
-    def _check_k(k) -> None:
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise ValueError(f"k must be a positive integer; got {k!r}")
-
-    def _codes_weights(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        present = rows >= 0
-        if not present.any():  # e.g. an empty memory, where row 0 does not exist
-            return np.full(rows.shape, -1, np.int64), np.zeros(rows.shape, np.float32)
-        safe = np.where(present, rows, 0)
-        codes = np.where(present, self._codes[safe], -1)
-        rec_w = np.where(present, self._weights[safe], 0.0)
-        return codes, rec_w
+        sims, rows = self.search(queries, k=k, params=search_params or None, progress=progress)
+        return sims, self._state.rows.id_lists(rows)
 
     def classify(
         self,
@@ -687,18 +411,18 @@ class Memory(EditingMixin):
         voting.check_vote(vote, vote_params)
         if abstain_below is not None and not (isinstance(abstain_below, (int, float)) and 0.0 <= abstain_below <= 1.0):
             raise ValueError(f"abstain_below must be a vote share in [0, 1]; got {abstain_below!r}")
-        sims, rows = self._search(queries, k, progress, search_params or {})
-        codes, rec_w = self._codes_weights(rows)
+        sims, rows = self.search(queries, k=k, params=search_params, progress=progress)
+        table = self._state.rows
+        codes, rec_w = table.codes_weights(rows)
         contrib = voting.neighbor_weights(sims, vote, **vote_params) * rec_w
-        winners, totals = voting.tally(codes, contrib, len(self._labels))
+        labels = table.labels.names
+        winners, totals = voting.tally(codes, contrib, len(labels))
         version = self.version
         out = []
-        labels = self._labels
-        ids = self._ids
         n_classes = len(self.labels)
         # Python work per query dominates at 1,000s of queries, so ids, labels and
         # scores are looked up for all queries at once (C-level map, no per-item branches).
-        all_ids, all_labels = _lookup(ids, rows), _lookup(labels, codes)
+        all_ids, all_labels = table.lookup_ids(rows), table.labels.decode(codes).ravel().tolist()
         all_scores = _score_dicts(totals, labels)
         for q, win in enumerate(winners.tolist()):
             out.append(
@@ -725,7 +449,7 @@ class Memory(EditingMixin):
         Returns an `visual_memory.explain.Explanation`; ``.to_html()`` renders
         it as one self-contained page. See `visual_memory.explain.explain`.
         """
-        from .explain import explain
+        from ..explain import explain
 
         return explain(self, query, k=k, vote=vote, read_sources=read_sources, **vote_params)
 
@@ -743,18 +467,16 @@ class Memory(EditingMixin):
         -------
         dict vote -> object array of shape (n_queries, len(ks))
         """
-        ks = sorted({int(k) for k in ks})
-        for k in ks:
-            self._check_k(k)
+        ks = sorted({check_k(k) for k in ks})
         for v in votes:
             voting.check_vote(v, (vote_params or {}).get(v))
-        sims, rows = self._search(queries, max(ks), progress, {})
-        codes, rec_w = self._codes_weights(rows)
-        labels = np.array(self._labels + [None], dtype=object)
+        sims, rows = self.search(queries, k=max(ks), progress=progress)
+        table = self._state.rows
+        codes, rec_w = table.codes_weights(rows)
         out = {}
         for v in votes:
             contrib = voting.neighbor_weights(sims, v, **(vote_params or {}).get(v, {})) * rec_w
-            out[v] = labels[voting.predict_every_k(codes, contrib, len(self._labels), ks)]
+            out[v] = table.labels.decode(voting.predict_every_k(codes, contrib, len(table.labels), ks))
         return out
 
     def prune(self, *, mode: str = "soft", threshold: Optional[int] = None, k: Optional[int] = None, c: float = 1.75,
@@ -763,15 +485,22 @@ class Memory(EditingMixin):
 
         ``mode``: "soft" (weight min(1, c / (1 + wrong)) over the top 10),
         "hard" (weight 0 where wrong >= threshold, top 100) or "undo". See
-        `visual_memory.prune.prune`. Returns a `PruneResult`.
+        `visual_memory.prune.plan`. Returns a `PruneResult`; the change is one
+        version and one audit line (op ``"prune"``, with the parameters).
         """
-        from .prune import prune
+        from .. import prune as pruning
 
-        return prune(self, mode=mode, threshold=threshold, k=k, c=c, progress=progress, lock_timeout=lock_timeout)
+        plan = pruning.plan(self, mode=mode, threshold=threshold, k=k, c=c, progress=progress)
+        before = self.version
+        changed = 0
+        if plan.ids:
+            changed = editing.reweight(self._state, plan.ids, plan.weights, op="prune", audit=plan.audit,
+                                       lock_timeout=lock_timeout).changed
+        return pruning.PruneResult(self.version, plan.mode, changed, plan.pruned, before, plan.params)
 
     def label_issues(self, *, k: int = 10, limit: Optional[int] = 20, progress: bool | str = False):
         """Records most likely mislabelled, most suspicious first (see `visual_memory.prune.label_issues`)."""
-        from .prune import label_issues
+        from ..prune import label_issues
 
         return label_issues(self, k=k, limit=limit, progress=progress)
 
@@ -793,17 +522,198 @@ class Memory(EditingMixin):
             True labels; taken from the folder when ``queries`` is a folder.
         """
         if isinstance(queries, (str, os.PathLike)) and Path(queries).is_dir():
-            from .cache import embed_folder
+            from ..cache import embed_folder
 
             vectors, labels, _ = embed_folder(self.encoder, queries, progress=progress)
             queries = vectors
         if labels is None:
             raise ValueError("labels are required unless queries is an ImageFolder")
-        labels = np.asarray(list(labels), dtype=object)
-        preds = self.predict_every_k(queries, ks=ks, votes=votes, progress=progress)
-        ks = sorted({int(k) for k in ks})
-        acc = {v: {k: float(np.mean(p[:, i] == labels)) for i, k in enumerate(ks)} for v, p in preds.items()}
+        labels = [str(x) for x in labels]
+        ks = sorted({check_k(k) for k in ks})
+        for v in votes:
+            voting.check_vote(v)
+        sims, rows = self.search(queries, k=max(ks), progress=progress)
+        if len(labels) != len(rows):
+            raise ValueError(f"got {len(rows)} queries but {len(labels)} labels")
+        table = self._state.rows
+        codes, rec_w = table.codes_weights(rows)
+        # A true label the memory has never seen can only be missed: code -2 matches no prediction.
+        truth = np.array([table.labels.code(x) if x in table.labels else -2 for x in labels], dtype=np.int64)
+        acc = {v: dict(zip(ks, voting.accuracy_every_k(codes, sims, truth, len(table.labels), ks, v, rec_w).tolist()))
+               for v in votes}
         return EvalResult(n_queries=len(labels), accuracy=acc, version=self.version)
+
+
+    # -- editing -------------------------------------------------------------------
+
+    def remove(self, *, ids: Optional[IdsLike] = None, label: Optional[IdsLike] = None, source: Optional[str] = None,
+               where: Optional[str] = None, images=None, lock_timeout: float = 0.0) -> RemoveResult:
+        """Remove records: they stop voting at once (one new version; bytes stay until `forget`/`optimize`).
+
+        Parameters
+        ----------
+        ids : str or sequence of str, optional
+            Record ids; all must exist.
+        label : str or sequence of str, optional
+            Every record with (one of) these labels.
+        source : str, optional
+            Every record with exactly this ``source``.
+        where : str, optional
+            A Lance SQL filter over the columns id, label, source, weight,
+            added_at, metadata, e.g. ``"weight < 0.5"``.
+        images : image or sequence of images, optional
+            Records whose id is the image's content hash (the default id).
+        lock_timeout : float, default 0.0
+            Seconds to wait for another writer (`MemoryLockedError` after).
+
+        Selectors combine with AND; at least one is required.
+
+        Returns
+        -------
+        RemoveResult(version, removed, ids)
+
+        Raises
+        ------
+        SelectorError
+            No selector, an empty list, a label with no records, a malformed filter.
+        UnknownIdError
+            Listing ids (or images) not in the memory; nothing is removed.
+
+        Examples
+        --------
+        >>> import numpy as np, tempfile, visual_memory as vm
+        >>> mem = vm.create(tempfile.mkdtemp() + "/m", encoder=None, dim=2)
+        >>> _ = mem.add_embeddings(np.eye(2), labels=["cat", "dog"], ids=["a", "b"])
+        >>> mem.remove(ids="a").removed, mem.ids()
+        (1, ['b'])
+        """
+        return editing.remove(self._state, ids=ids, label=label, source=source, where=where, images=images,
+                              lock_timeout=lock_timeout)
+
+    def forget(self, *, ids: Optional[IdsLike] = None, label: Optional[IdsLike] = None, source: Optional[str] = None,
+               where: Optional[str] = None, images=None, verify: bool = True, lock_timeout: float = 0.0) -> ForgetReceipt:
+        """Remove records, then erase every byte of them from the memory directory.
+
+        Same selectors as `remove`; ``ids``/``images`` may also name records
+        removed earlier whose bytes are still on disk. When this returns, no
+        file under the memory directory holds the records' vectors, ids,
+        labels-with-ids, sources, metadata or thumbnails: not the records
+        table, its older versions or deletion files, nor the audit log (which
+        keeps a salted hash of each id). Versions that held the records are
+        deleted (opening one names the forget that erased it); tags on them
+        are dropped. The in-RAM vectors are zeroed too.
+
+        Cost: one rewrite of each ~64 MB data file that held a record, plus a
+        scan of every file for the proof (``verify=False`` skips the scan).
+        A crash part-way is finished by the next writer or `visual_memory.open`.
+
+        Returns
+        -------
+        ForgetReceipt
+            ``.to_dict()`` is JSON: what was erased (salted id hashes), when,
+            versions before/after, erased versions, dropped tags, and the
+            verification scan.
+
+        Raises
+        ------
+        SelectorError, UnknownIdError
+            As `remove`; nothing is changed.
+        ErasureError
+            If the verification scan still finds bytes of the records (with the receipt).
+        """
+        return editing.forget(self._state, ids=ids, label=label, source=source, where=where, images=images,
+                              verify=verify, lock_timeout=lock_timeout)
+
+    def relabel(self, ids: IdsLike, label: str, *, lock_timeout: float = 0.0) -> EditResult:
+        """Give records a new label (one version; votes use it at once).
+
+        Parameters
+        ----------
+        ids : str or sequence of str
+            Records to relabel; all must exist.
+        label : str
+            The new label (non-empty).
+
+        Returns
+        -------
+        EditResult(version, changed)
+            ``changed`` counts records whose label differed; 0 changes nothing
+            and makes no version.
+
+        Examples
+        --------
+        >>> import numpy as np, tempfile, visual_memory as vm
+        >>> mem = vm.create(tempfile.mkdtemp() + "/m", encoder=None, dim=2)
+        >>> _ = mem.add_embeddings(np.eye(2), labels=["cat", "dog"], ids=["a", "b"])
+        >>> mem.relabel("b", "cat").changed, mem.labels
+        (1, {'cat': 2})
+        """
+        return editing.relabel(self._state, ids, label, lock_timeout=lock_timeout)
+
+    def reweight(self, ids: IdsLike, weight: Union[float, Sequence[float]], *, lock_timeout: float = 0.0) -> EditResult:
+        """Set records' vote weight (one version; votes use it at once).
+
+        Parameters
+        ----------
+        ids : str or sequence of str
+            Records to reweight; all must exist.
+        weight : float or sequence of float
+            One weight for all, or one per id; finite and >= 0. A record's
+            neighbour contribution is multiplied by it: 0 means the record
+            never votes but is still retrieved and inspectable, 1 is the default.
+
+        Returns
+        -------
+        EditResult(version, changed)
+        """
+        return editing.reweight(self._state, ids, weight, lock_timeout=lock_timeout)
+
+    def tags(self) -> dict[str, int]:
+        """Named versions: tag -> version."""
+        return self._store.tags()
+
+    def tag(self, name: str, *, version: Optional[int] = None, lock_timeout: float = 0.0) -> dict:
+        """Name a version (default: the current one) so `visual_memory.open(path, version=name)` reads it.
+
+        A name starts with a letter and holds letters, digits, ``.``, ``_``,
+        ``-`` (so it never looks like a version number). A `forget` that
+        erases the tagged version drops the tag and says so in its receipt.
+        """
+        return editing.tag(self._state, name, version=version, lock_timeout=lock_timeout)
+
+    def untag(self, name: str, *, lock_timeout: float = 0.0) -> None:
+        """Remove a tag (the version itself stays)."""
+        editing.untag(self._state, name, lock_timeout=lock_timeout)
+
+    def versions(self) -> list[dict]:
+        """One row per audited mutation, oldest first.
+
+        Each: ``version``, ``op``, ``ts``, ``n`` (records touched, if known),
+        ``readable`` (the version can still be opened), ``tags`` (names on it).
+        """
+        return editing.versions(self._state)
+
+    def optimize(self, *, cleanup_older_than: Optional[timedelta] = None, lock_timeout: float = 0.0) -> OptimizeResult:
+        """Compact the records table and the in-RAM index.
+
+        Merges small fragments (many small adds leave one per add), rewrites
+        fragments with over 10% removed rows, and rebuilds the in-RAM index
+        without removed rows. Runs by itself after a mutation when more than
+        64 fragments under 1,024 rows pile up (merging only those) or over
+        10% of the in-RAM rows are removed (rebuilding the in-RAM index).
+
+        Parameters
+        ----------
+        cleanup_older_than : timedelta, optional
+            Also delete versions older than this (untagged ones; their files
+            with them), which is what shrinks the directory. Default: keep
+            every version (history stays readable).
+
+        Returns
+        -------
+        OptimizeResult
+        """
+        return editing.optimize(self._state, cleanup_older_than=cleanup_older_than, lock_timeout=lock_timeout)
 
 
 # -- module-level constructors -----------------------------------------------------
@@ -834,10 +744,10 @@ def create(
     MemoryExistsError
         If ``path`` already holds a memory or other files.
     """
-    VectorIndex(1 if dim is None else dim, index)  # validate the factory string before touching disk
     if encoder is None:
         if not dim or dim < 1:
             raise ValueError("a memory without an encoder needs dim=<vector dimension>")
+        index = validate_spec(index, dim)  # at the memory's real dimension, before touching disk
         spec = {"name": f"vectors-{dim}d", "dim": int(dim), "fingerprint": f"vectors-{dim}d"}
         return Memory(Store.create(path, encoder=spec, index=index))
     enc = create_encoder(encoder) if isinstance(encoder, str) else encoder
@@ -845,6 +755,7 @@ def create(
         raise TypeError(f"encoder must be a registered name or an Encoder; got {type(encoder).__name__}")
     if dim is not None and dim != enc.dim:
         raise ValueError(f"dim={dim} disagrees with encoder {enc.name!r} ({enc.dim}-d)")
+    index = validate_spec(index, enc.dim)
     return Memory(Store.create(path, encoder=enc.spec.to_dict(), index=index), enc)
 
 
@@ -876,7 +787,7 @@ def open(  # noqa: A001 - mirrors lance.dataset / io.open naming users expect
     store = Store.open(path, version=version, read_only=read_only)
     mem = Memory(store)
     if not store.read_only:
-        mem._finish_pending_forget()
+        editing.finish_pending_forget(mem._state)
     if encoder is not None:
         want = store.manifest["encoder"]
         if isinstance(encoder, str):
