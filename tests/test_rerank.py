@@ -14,7 +14,6 @@ import logging
 import re
 import threading
 
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -238,8 +237,6 @@ def test_api_key_is_sent_but_never_written(mem, cifar_small, double, monkeypatch
 
 
 def test_unreachable_endpoint_falls_back(mem, cifar_small):
-    from vlm_double import VLMDouble
-
     d = VLMDouble()  # bound, never started, then closed: the port refuses connections
     d._server.server_close()
     pred, path, _ = one(mem, cifar_small)

@@ -448,7 +448,7 @@ class Memory:
                 )
             )
         if rerank is not None:
-            from .rerank.reranker import rerank_queries
+            from ..rerank.reranker import rerank_queries
 
             rerank_queries(rerank, self, queries, out, progress=progress)
         return out
