@@ -62,6 +62,10 @@ class Prediction:
     abstained : bool
         True when ``confidence`` fell below ``abstain_below``; ``label`` is then
         `UNKNOWN` (the string "unknown"), never a guess.
+    rerank : RerankResult or None
+        Set by ``Memory.classify(..., rerank=...)``: what the vision-language
+        model chose among the neighbours' labels (``label`` is then its choice,
+        unless it fell back; ``winner`` stays the vote's). See `visual_memory.rerank`.
 
     Confidence and novelty (`visual_memory.scores` has the formulas):
     ``confidence`` (vote share of the winner), ``plurality_count``,
@@ -69,7 +73,7 @@ class Prediction:
     cosine distance to the k neighbours; higher = more novel).
     """
 
-    __slots__ = ("label", "scores", "k", "vote", "version", "winner", "abstained", "n_classes",
+    __slots__ = ("label", "scores", "k", "vote", "version", "winner", "abstained", "n_classes", "rerank",
                  "_ids", "_labels", "_sims", "_weights", "_contrib", "_neighbors")
 
     def __init__(self, *, label, scores, k, vote, version, ids, labels, sims, weights, contrib,
@@ -81,6 +85,7 @@ class Prediction:
         self.n_classes = n_classes
         self._ids, self._labels, self._sims, self._weights, self._contrib = ids, labels, sims, weights, contrib
         self._neighbors: Optional[list[Neighbor]] = None
+        self.rerank = None
         self.abstained = abstain_below is not None and self.confidence < abstain_below
         if self.abstained:
             self.label = UNKNOWN
@@ -127,7 +132,7 @@ class Prediction:
         return float(ood_scores(np.asarray(self._sims, dtype=np.float64)[None, :])[0])
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "label": self.label,
             "winner": self.winner,
             "abstained": self.abstained,
@@ -141,6 +146,9 @@ class Prediction:
             "version": self.version,
             "neighbors": [n.to_dict() for n in self.neighbors],
         }
+        if self.rerank is not None:
+            out["rerank"] = self.rerank.to_dict()
+        return out
 
     def __repr__(self) -> str:
         top = ", ".join(f"{k}={v:.3f}" for k, v in list(self.scores.items())[:3])

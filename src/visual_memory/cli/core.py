@@ -6,11 +6,13 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 import visual_memory as vm
 
 from ..vote import VOTES
+from . import rerank as rr
 from .app import app, console, handle_errors, parse_ks, print_json
 
 
@@ -63,17 +65,30 @@ def classify(
     k: int = typer.Option(50, "--k", "-k", min=1, help="Neighbours that vote."),
     vote: str = typer.Option("rank", "--vote", help=f"One of: {', '.join(VOTES)}."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON (with neighbours) instead of a table."),
+    rerank: Optional[str] = rr.URL,
+    rerank_model: Optional[str] = rr.MODEL,
+    rerank_n: int = rr.N,
+    rerank_labels_only: bool = rr.LABELS_ONLY,
+    rerank_timeout: float = rr.TIMEOUT,
+    rerank_concurrency: int = rr.CONCURRENCY,
+    rerank_price: Optional[str] = rr.PRICE,
 ) -> None:
-    """Classify images by their nearest memories."""
+    """Classify images by their nearest memories (optionally re-ranked by a vision-language model)."""
+    reranker = rr.build_reranker(rerank, rerank_model, n=rerank_n, labels_only=rerank_labels_only, timeout=rerank_timeout,
+                                 concurrency=rerank_concurrency, price=rerank_price)
     mem = vm.open(memory)
-    preds = mem.classify([str(p) for p in images], k=k, vote=vote)
+    preds = mem.classify([str(p) for p in images], k=k, vote=vote, rerank=reranker, progress=reranker is not None and not as_json)
     if as_json:
         print_json([{"image": str(p), **pred.to_dict()} for p, pred in zip(images, preds)])
         return
-    table = Table("image", "label", "confidence", "top neighbours (label, similarity)")
+    table = Table("image", "label", "confidence", "top neighbours (label, similarity)", *(["vote", "re-rank"] if reranker else []))
     for p, pred in zip(images, preds):
         nb = ", ".join(f"{n.label} {n.similarity:.2f}" for n in pred.neighbors[:3])
-        table.add_row(str(p), str(pred.label), f"{pred.confidence:.2f}", nb)
+        extra = []
+        if pred.rerank is not None:
+            r = pred.rerank
+            extra = [str(pred.winner), f"fallback: {r.fallback}" if r.fallback else ("changed" if r.changed else "kept")]
+        table.add_row(*(escape(x) for x in (str(p), str(pred.label), f"{pred.confidence:.2f}", nb, *extra)))
     console.print(table)
 
 
@@ -121,15 +136,35 @@ def eval_(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON to this file."),
     per_class: Optional[int] = typer.Option(None, "--per-class", help="Use only the first N queries of each class."),
     report: Optional[Path] = typer.Option(None, "--report", help="Also run every paper evaluation and write JSON, PNGs and report.html into this folder."),
+    rerank: Optional[str] = rr.URL,
+    rerank_model: Optional[str] = rr.MODEL,
+    rerank_n: int = rr.N,
+    rerank_labels_only: bool = rr.LABELS_ONLY,
+    rerank_timeout: float = rr.TIMEOUT,
+    rerank_concurrency: int = rr.CONCURRENCY,
+    rerank_price: Optional[str] = rr.PRICE,
 ) -> None:
-    """Top-1 accuracy of every vote at every k over a labelled folder."""
+    """Top-1 accuracy of every vote at every k over a labelled folder.
+
+    With --rerank, also the rank vote at k = --rerank-n re-ranked by a
+    vision-language model: accuracy with and without, decisions changed,
+    latency, tokens and cost (bound the spend with --per-class).
+    """
     from ..cache import embed_folder
 
     ks = parse_ks(k)
+    reranker = rr.build_reranker(rerank, rerank_model, n=rerank_n, labels_only=rerank_labels_only, timeout=rerank_timeout,
+                                 concurrency=rerank_concurrency, price=rerank_price)
     mem = vm.open(memory)
-    vectors, labels, _ = embed_folder(mem.encoder, folder, per_class=per_class, progress="embedding queries")
+    vectors, labels, paths = embed_folder(mem.encoder, folder, per_class=per_class, progress="embedding queries")
     result = mem.evaluate(vectors, labels, ks=ks)
     print_accuracy(result)
+    if reranker is not None:
+        from ..rerank import evaluate_rerank
+
+        ev = evaluate_rerank(mem, vectors, labels, images=paths, reranker=reranker, k=rerank_n, progress="re-ranking")
+        rr.print_rerank_eval(ev)
+        result.extra["rerank"] = ev.to_dict()
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(__import__("json").dumps(result.to_dict(), indent=2) + "\n")

@@ -11,6 +11,7 @@ import typer
 import visual_memory as vm
 
 from ..vote import VOTES
+from . import rerank as rr
 from .app import app, console, handle_errors, print_json
 
 
@@ -35,6 +36,13 @@ def serve(
     open_reads: bool = typer.Option(
         False, "--open-reads", help="Serve reads without the token even when listening beyond localhost."
     ),
+    rerank: Optional[str] = rr.URL,
+    rerank_model: Optional[str] = rr.MODEL,
+    rerank_n: int = rr.N,
+    rerank_labels_only: bool = rr.LABELS_ONLY,
+    rerank_timeout: float = rr.TIMEOUT,
+    rerank_concurrency: int = rr.CONCURRENCY,
+    rerank_price: Optional[str] = rr.PRICE,
 ) -> None:
     """Serve the HTTP API (docs at /docs) and the web UI (at /) for one memory."""
     import secrets
@@ -45,13 +53,17 @@ def serve(
 
     token = token or secrets.token_urlsafe(24)
     protect_reads = not _is_loopback(host) and not open_reads
-    application = create_app(memory, token=token, protect_reads=protect_reads)
+    reranker = rr.build_reranker(rerank, rerank_model, n=rerank_n, labels_only=rerank_labels_only, timeout=rerank_timeout,
+                                 concurrency=rerank_concurrency, price=rerank_price)
+    application = create_app(memory, token=token, protect_reads=protect_reads, reranker=reranker)
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     console.print(f"serving {memory} at http://{shown}:{port}/  (API docs: /docs)")
     console.print(f"edit token: {token}")
     console.print(f"open the UI with the token filled in: http://{shown}:{port}/#token={token}", soft_wrap=True)
     if protect_reads:
         console.print("listening beyond localhost: reads need the token too (--open-reads to lift that)")
+    if reranker is not None:
+        console.print(f"re-ranking on request (POST /classify?rerank=true) with {reranker.model}", markup=False)
     uvicorn.run(application, host=host, port=port, log_level="info")
 
 

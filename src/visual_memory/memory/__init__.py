@@ -385,6 +385,7 @@ class Memory:
         progress: bool | str = False,
         search_params: Optional[dict] = None,
         abstain_below: Optional[float] = None,
+        rerank=None,
         **vote_params: float,
     ) -> list[Prediction]:
         """Classify queries by their k nearest records voting.
@@ -400,6 +401,11 @@ class Memory:
             Abstain when the winner's vote share (`Prediction.confidence`) is
             below this: the prediction's ``label`` is then "unknown"
             (`visual_memory.results.UNKNOWN`) and ``winner`` keeps the vote's choice.
+        rerank : Reranker, optional
+            After the vote, a vision-language model chooses among the shown
+            neighbours' labels (`visual_memory.rerank.VLMReranker`); each
+            prediction gets ``.rerank`` and, unless it fell back, the model's
+            ``label``. Needs the query images, not vectors.
         **vote_params : alpha (rank, 2), tau (softmax, 0.07), xi (distance, 1)
 
         Returns
@@ -441,6 +447,10 @@ class Memory:
                     abstain_below=abstain_below,
                 )
             )
+        if rerank is not None:
+            from ..rerank.reranker import rerank_queries
+
+            rerank_queries(rerank, self, queries, out, progress=progress)
         return out
 
     def explain(self, query, *, k: int = 10, vote: str = "rank", read_sources: bool = True, **vote_params):

@@ -154,6 +154,7 @@ def create_app(
     max_upload_pixels: int = MAX_UPLOAD_PIXELS,
     max_files: int = MAX_FILES,
     refresh_every: float = 1.0,
+    reranker=None,
 ) -> FastAPI:
     """Build the FastAPI app serving one memory (API + web UI).
 
@@ -174,6 +175,9 @@ def create_app(
         Images per add request; a batch add holds the write lock while it embeds.
     refresh_every : float, default 1.0
         Seconds between checks for commits made by other processes.
+    reranker : visual_memory.rerank.VLMReranker, optional
+        Enables ``POST /classify?rerank=true``: the model chooses among the
+        neighbours' labels; the response gains a ``rerank`` object.
 
     Returns
     -------
@@ -288,12 +292,20 @@ def create_app(
         file: UploadFile = File(..., description="The image to classify."),
         k: int = Query(50, ge=1, le=MAX_K, description="Neighbours that vote."),
         vote: str = Query("rank", description=f"One of {', '.join(VOTES)}."),
+        rerank: bool = Query(False, description="Re-rank with the server's vision-language model (`vismem serve --rerank`)."),
     ) -> dict:
         _check_vote(vote)
+        if rerank and reranker is None:
+            raise ApiError(400, "this server has no re-ranker: start it with `vismem serve MEMORY --rerank URL --rerank-model NAME`", "no_reranker")
         data = _read_image_upload(file, **limits)
         vec, loaded = _embed(data, file.filename)
         with service.reading() as m:
             pred = m.classify(vec, k=k, vote=vote)[0]
+            request = reranker.prepare(data, pred, memory=m) if rerank else None
+        if request is not None:  # the model call runs outside the lock: edits need not wait for it
+            from ..rerank import attach
+
+            attach(pred, reranker.complete(request))
         out = pred.to_dict()
         for n in out["neighbors"]:
             n["thumbnail_url"] = thumbnail_url(n["id"])
