@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from visual_memory.errors import VectorError
+from visual_memory import cpu
 from visual_memory.index import as_queries, base, exact, exact_knn, exact_self_knn, make_index
 
 
@@ -24,7 +25,7 @@ def brute_force(xb: np.ndarray, xq: np.ndarray, k: int, alive: np.ndarray | None
     return np.take_along_axis(sims, order, axis=1), order
 
 
-@pytest.mark.parametrize("module", [exact, base])
+@pytest.mark.parametrize("module", [exact, base, cpu])
 def test_module_doctests(module):
     failures, tried = doctest.testmod(module)
     assert failures == 0 and (tried > 0 or module is base)
@@ -201,3 +202,74 @@ def test_as_queries_validates_and_normalises():
         as_queries(np.array([[1.0, 0.0], [np.nan, 1.0]]), 2)
     with pytest.raises(VectorError, match=r"all-zero vectors \(rows \[0\]\)"):
         as_queries(np.zeros((1, 2)), 2, what="vectors")
+
+
+def _clustered(n, d, seed, centres=50, noise=0.3):
+    """Unit vectors in tight clusters: many near-ties, the hard case for reduced precision."""
+    rng = np.random.default_rng(seed)
+    c = rng.standard_normal((centres, d)).astype(np.float32)
+    x = c[rng.integers(0, centres, n)] + noise * rng.standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("with_dead", [False, True])
+def test_bf16_kernel_returns_the_float32_top_k(with_dead):
+    x = _clustered(6000, 64, seed=31)
+    q = _clustered(80, 64, seed=32)
+    alive = None
+    if with_dead:
+        alive = np.ones(len(x), bool)
+        alive[np.random.default_rng(3).choice(len(x), 700, replace=False)] = False
+    ref_s, ref_i = brute_force(x, q, 30, alive)
+    s32, i32 = exact_knn(x, q, 30, alive=alive, bf16=False)
+    s16, i16 = exact_knn(x, q, 30, alive=alive, bf16=True)
+    np.testing.assert_array_equal(i16, i32)  # both kernels end in the same rescoring: identical
+    np.testing.assert_array_equal(s16, s32)
+    for a, b, sa, sb in zip(i16.tolist(), ref_i.tolist(), s16, ref_s):  # and equal to float64 brute force
+        assert set(a) == set(b) or np.abs(np.sort(sa) - np.sort(sb)).max() < 1e-6
+
+
+def test_exact_index_uses_bf16_where_wanted_and_erases_it_too(monkeypatch):
+    monkeypatch.setenv("VISMEM_BF16", "1")
+    monkeypatch.setattr(exact, "BF16_MIN_ROWS", 100)
+    monkeypatch.setattr(exact, "BF16_MIN_QUERIES", 4)
+    x = _clustered(3000, 32, seed=41)
+    ix = VectorIndex(32)
+    ix.add(x[:2000])
+    q = x[:10]
+    one = ix.search(q[:1], 5)  # a single query: the float32 kernel, no bf16 copy yet
+    assert ix._bf16 is None
+    batch = ix.search(q, 5)
+    assert ix._bf16 is not None and len(ix._bf16.x) == 2000
+    np.testing.assert_array_equal(batch[1][:1], one[1])
+    ix.add(x[2000:])  # the copy follows adds
+    assert len(ix._bf16.x) == 3000
+    monkeypatch.setenv("VISMEM_BF16", "0")
+    ref = ix.search(q, 5)
+    monkeypatch.setenv("VISMEM_BF16", "1")
+    np.testing.assert_array_equal(ix.search(q, 5)[1], ref[1])
+    ix.erase(np.array([7]))
+    assert not ix._bf16.x[7].any() and not ix.vectors(np.array([7])).any()
+    assert 7 not in ix.search(q, 5)[1]
+
+
+def test_faiss_switches_to_its_gemm_at_the_tuned_batch_size():
+    import faiss
+
+    x = _clustered(500, 48, seed=5)
+    exact.faiss_knn(x, x[:3], 4)
+    assert faiss.cvar.distance_compute_blas_threshold == exact.BLAS_MIN_QUERIES * 48
+
+
+def test_cpu_features_are_detected_not_assumed(monkeypatch):
+    from visual_memory import cpu
+
+    f = cpu.features()
+    assert set(f) == set(cpu.FLAGS) and all(isinstance(v, bool) for v in f.values())
+    assert "cores; flags:" in cpu.summary()
+    monkeypatch.setenv("VISMEM_BF16", "0")
+    assert cpu.native_bf16() is False
+    monkeypatch.setenv("VISMEM_BF16", "1")
+    assert cpu.native_bf16() is True
+    monkeypatch.delenv("VISMEM_BF16")
+    assert cpu.native_bf16() == (f["avx512_bf16"] or f["amx_bf16"])

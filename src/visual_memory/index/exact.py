@@ -3,6 +3,20 @@
 `exact_knn` is the one exact kNN of the package (classify, self-neighbours,
 evaluations, index checks all use it). `ExactIndex` keeps the vectors in one
 growing float32 matrix and searches it with `exact_knn`.
+
+The kernel is chosen per batch, for the CPU it runs on:
+
+* FAISS's exhaustive search, told when to switch from its SIMD scan to its
+  blocked GEMM. FAISS 1.15 switches when ``n_queries * d`` reaches
+  ``distance_compute_blas_threshold`` (128000 by default: at d=384 every batch
+  under ~330 queries scanned, 4-12x slower than the GEMM at 16-128 queries).
+  We switch at `BLAS_MIN_QUERIES` queries whatever d is.
+* On CPUs with native bfloat16 (AVX-512 BF16 or AMX; detected, never
+  assumed: on AVX2 a bf16 product is ~3x *slower* than float32), batches of
+  `BF16_MIN_QUERIES` or more run the product in bfloat16 over a bf16 copy of
+  the matrix, keep every candidate that a proven error bound cannot rule out,
+  and re-rank those with the float32 vectors, so the top-k is the float32
+  top-k (`bf16_knn`).
 """
 
 from __future__ import annotations
@@ -17,16 +31,129 @@ from ..progress import progress_bar
 from .base import Index, check_k, checked, drop_dead, pad_results
 
 BATCH = 4096  # queries per search call: bounds the (batch x n) similarity block
+BLAS_MIN_QUERIES = int(os.environ.get("VISMEM_BLAS_MIN_QUERIES", 8))  # measured: benchmarks/bench_search.py
+BF16_MIN_QUERIES = int(os.environ.get("VISMEM_BF16_MIN_QUERIES", 32))
+BF16_MIN_ROWS = 50_000
+TIE_MARGIN = 8  # below this the float32 product is quick anyway; no bf16 copy is made
 
 
-def _search_block(db: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def faiss_knn(db: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """FAISS exhaustive inner-product search, GEMM from `BLAS_MIN_QUERIES` queries up."""
     import faiss
 
+    # A process-wide knob read at call time; concurrent calls at other d only
+    # shift each other's switch point (speed, never results).
+    faiss.cvar.distance_compute_blas_threshold = BLAS_MIN_QUERIES * queries.shape[1]
     return faiss.knn(queries, db, k, metric=faiss.METRIC_INNER_PRODUCT)
 
 
+class Bf16Copy:
+    """A bfloat16 copy of a float32 matrix, with what the error bound needs.
+
+    ``err`` is each row's rounding error norm ``||x - bf16(x)||`` and ``norm``
+    its bf16 norm; `bf16_knn` uses their maxima.
+    """
+
+    def __init__(self, x: np.ndarray) -> None:
+        import torch
+
+        t = torch.from_numpy(np.ascontiguousarray(x, np.float32))
+        self.x = t.to(torch.bfloat16)
+        back = self.x.to(torch.float32)
+        self.err = float(torch.linalg.vector_norm(t - back, dim=1).max()) if len(t) else 0.0
+        self.norm = float(torch.linalg.vector_norm(back, dim=1).max()) if len(t) else 0.0
+
+    def append(self, x: np.ndarray) -> None:
+        import torch
+
+        other = Bf16Copy(x)
+        self.x = torch.cat([self.x, other.x])
+        self.err, self.norm = max(self.err, other.err), max(self.norm, other.norm)
+
+    def zero(self, rows: np.ndarray) -> None:
+        self.x[np.asarray(rows, np.int64)] = 0
+
+
+def bf16_knn(x: np.ndarray, copy: Bf16Copy, queries: np.ndarray, k: int,
+             alive: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
+    """The float32 top-k of ``queries @ x.T``, found through a bfloat16 product.
+
+    For a query q and row x, with q' and x' their bf16 roundings and s' the
+    product as computed (float32 accumulation, then rounded to bf16)::
+
+        |q.x - s'| <= ||q|| ||x - x'|| + ||q - q'|| ||x'|| + 2^-8 max|s'|  =: B
+
+    so a row whose s' is below the k-th best s' by more than 2B cannot be in
+    the float32 top-k. Candidates are widened (doubling) until that holds for
+    the first candidate left out, then re-ranked with the float32 vectors.
+
+    Returns
+    -------
+    sims : float32 (n_queries, k'), idx : int64 (n_queries, k'), k' = min(k, live rows)
+    """
+    import torch
+
+    q32 = torch.from_numpy(np.ascontiguousarray(queries, np.float32))
+    qb = q32.to(torch.bfloat16)
+    q_err = torch.linalg.vector_norm(q32 - qb.to(torch.float32), dim=1)
+    q_norm = torch.linalg.vector_norm(q32, dim=1)
+    s = qb @ copy.x[: len(x)].T  # (Q, N) bfloat16: selecting in bf16 skips a float32 copy of the block
+    n = len(x)
+    if alive is not None and not alive[:n].all():
+        s[:, torch.from_numpy(~alive[:n])] = -torch.inf
+        n_live = int(alive[:n].sum())
+    else:
+        n_live = n
+    k = min(int(k), n_live)
+    top = max(1.0, float(copy.norm) * float(q_norm.max()))
+    bound = (q_norm * copy.err + q_err * copy.norm + 2.0**-8 * top).numpy()  # (Q,)
+    out_s = np.empty((len(queries), k), np.float32)
+    out_i = np.empty((len(queries), k), np.int64)
+    todo = np.arange(len(queries))
+    width = min(n_live, 2 * k + 16)
+    while len(todo):
+        vals, idx = torch.topk(s[todo], width, dim=1)
+        vals, idx = vals.to(torch.float32).numpy(), idx.numpy()
+        if width < n_live:
+            ok = vals[:, width - 1] < vals[:, k - 1] - 2.0 * bound[todo]
+        else:
+            ok = np.ones(len(todo), bool)
+        done = todo[ok]
+        if len(done):
+            es, ei = rescore(x, queries[done], idx[ok])
+            out_s[done], out_i[done] = es[:, :k], ei[:, :k]
+        todo = todo[~ok]
+        width = min(n_live, 2 * width)
+    return out_s, out_i
+
+
+def rescore(db: np.ndarray, queries: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Recompute the similarities of found rows one way and order them by (-similarity, row).
+
+    Every kernel ends here, so they agree to the last bit and break ties alike
+    (different kernels sum in different orders, which moves ties of ~1e-7).
+    """
+    out_s = np.empty(idx.shape, np.float32)
+    out_i = np.empty(idx.shape, np.int64)
+    for lo in range(0, len(idx), 64):  # bounds the gathered (64, k, d) block
+        cand = idx[lo : lo + 64]
+        exact = np.einsum("qd,qkd->qk", queries[lo : lo + 64], db[cand]).astype(np.float32)
+        order = np.lexsort((cand, -exact), axis=1)
+        out_s[lo : lo + 64] = np.take_along_axis(exact, order, axis=1)
+        out_i[lo : lo + 64] = np.take_along_axis(cand, order, axis=1)
+    return out_s, out_i
+
+
+def bf16_wanted(n_queries: int, n_rows: int) -> bool:
+    """Whether a batch should take the bfloat16 path on this CPU."""
+    from ..cpu import native_bf16
+
+    return n_queries >= BF16_MIN_QUERIES and n_rows >= BF16_MIN_ROWS and native_bf16()
+
+
 def exact_knn(
-    db: np.ndarray, queries: np.ndarray, k: int, *, batch_size: int = BATCH, progress: bool | str = False
+    db: np.ndarray, queries: np.ndarray, k: int, *, batch_size: int = BATCH, progress: bool | str = False,
+    alive: Optional[np.ndarray] = None, bf16: "Bf16Copy | bool | None" = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact k nearest rows of ``db`` for each query, by inner product.
 
@@ -35,14 +162,19 @@ def exact_knn(
     db : float32 array of shape (n, d)
     queries : float32 array of shape (q, d)
     k : int
-        Capped at n.
+        Capped at the number of live rows.
     batch_size : int, default 4096
     progress : bool or str
+    alive : bool array of shape (n,), optional
+        Rows that may be returned (default all).
+    bf16 : Bf16Copy, bool or None, default None
+        A bfloat16 copy of ``db`` to search through (results stay exact);
+        True makes one, False never uses one, None decides by batch size and CPU.
 
     Returns
     -------
-    sims : float32 array of shape (q, min(k, n)), descending
-    idx : int64 array of shape (q, min(k, n))
+    sims : float32 array of shape (q, k'), descending, k' = min(k, live rows)
+    idx : int64 array of shape (q, k')
 
     Examples
     --------
@@ -52,15 +184,30 @@ def exact_knn(
     """
     db = np.ascontiguousarray(db, dtype=np.float32)
     q = np.ascontiguousarray(queries, dtype=np.float32)
-    k = min(check_k(k), len(db))
+    n_dead = 0 if alive is None else int(len(db) - alive[: len(db)].sum())
+    k = min(check_k(k), len(db) - n_dead)
     sims = np.empty((len(q), k), np.float32)
     idx = np.empty((len(q), k), np.int64)
     if k == 0 or len(q) == 0:
         return sims, idx
+    copy = bf16 if isinstance(bf16, Bf16Copy) else None
+    if copy is None and (bf16 is True or (bf16 is None and bf16_wanted(len(q), len(db)))):
+        copy = Bf16Copy(db)
+    if copy is not None:  # the (block x n) float32 product stays under ~256 MB
+        batch_size = max(1, min(batch_size, (64 << 20) // max(1, len(db))))
     with progress_bar(progress, total=len(q), unit="query") as bar:
         for lo in range(0, len(q), batch_size):
             hi = min(lo + batch_size, len(q))
-            sims[lo:hi], idx[lo:hi] = _search_block(db, q[lo:hi], k)
+            if copy is not None:
+                sims[lo:hi], idx[lo:hi] = bf16_knn(db, copy, q[lo:hi], k, alive)
+            else:
+                # A few extra rows, rescored, so a tie at the k-th place is broken the same way.
+                kk = min(k + TIE_MARGIN, len(db) - n_dead)
+                s, r = faiss_knn(db, q[lo:hi], min(kk + n_dead, len(db)))
+                if n_dead:
+                    s, r = drop_dead(s, r, alive, kk)
+                es, ei = rescore(db, q[lo:hi], r)
+                sims[lo:hi], idx[lo:hi] = es[:, :k], ei[:, :k]
             bar.advance(hi - lo)
     return sims, idx
 
@@ -112,7 +259,11 @@ def exact_self_knn(
     nbrs = np.full((len(positions), k), -1, dtype=np.int64)
     if k == 0:
         return sims, nbrs
-    search = search or (lambda q, kk: exact_knn(db, q, kk, batch_size=len(q)))
+    if search is None:
+        copy = Bf16Copy(db) if bf16_wanted(min(batch_size, len(positions)), n) else False
+
+        def search(q, kk):
+            return exact_knn(db, q, kk, batch_size=len(q), bf16=copy)
     with progress_bar(progress, total=len(positions), unit="rec") as bar:
         for lo in range(0, len(positions), batch_size):
             hi = min(lo + batch_size, len(positions))
@@ -141,6 +292,7 @@ class ExactIndex(Index):
         self._n = 0
         self._alive = np.zeros(0, bool)
         self._n_alive = 0
+        self._bf16: Optional[Bf16Copy] = None  # made on the first batch that wants it (see `bf16_wanted`)
 
     @property
     def ntotal(self) -> int:
@@ -174,6 +326,8 @@ class ExactIndex(Index):
         self._alive[self._n : self._n + n] = True
         self._n += n
         self._n_alive += n
+        if self._bf16 is not None:
+            self._bf16.append(v)
 
     def remove(self, rows: np.ndarray) -> None:
         rows = np.unique(np.asarray(rows, np.int64))
@@ -183,6 +337,8 @@ class ExactIndex(Index):
     def erase(self, rows: np.ndarray) -> None:
         self.remove(rows)
         self._x[np.asarray(rows, np.int64)] = 0.0
+        if self._bf16 is not None:
+            self._bf16.zero(rows)
         return None
 
     def vectors(self, rows: np.ndarray) -> np.ndarray:
@@ -201,14 +357,16 @@ class ExactIndex(Index):
         k = check_k(k)
         if self._n_alive == 0:
             return np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64)
-        n_dead = self._n - self._n_alive
-        sims, rows = exact_knn(self._x[: self._n], q, min(k + n_dead, self._n))
-        if n_dead:
-            sims, rows = drop_dead(sims, rows, self._alive, k)
+        if self._bf16 is None and bf16_wanted(len(q), self._n):
+            self._bf16 = Bf16Copy(self._x[: self._n])
+        bf16 = self._bf16 if self._bf16 is not None and bf16_wanted(len(q), self._n) else False
+        alive = self._alive[: self._n] if self._n_alive < self._n else None
+        sims, rows = exact_knn(self._x[: self._n], q, k, alive=alive, bf16=bf16)
         return pad_results(sims, rows, k)
 
     def compact(self) -> np.ndarray:
         keep = np.flatnonzero(self._alive[: self._n])
+        self._bf16 = None
         self._x = np.ascontiguousarray(self._x[keep])
         self._alive = np.ones(len(keep), bool)
         self._n = self._n_alive = len(keep)
