@@ -165,7 +165,8 @@ def print_table(table: Table) -> None:
     """Print a table: fitted to a terminal (cells wrap or fold, never cut), at full width in a pipe or file."""
     if not console.is_terminal:
         width = Measurement.get(console, console.options.update_width(PIPE_MAX_WIDTH), table).maximum
-        _console(width=max(int(width), 1)).print(table)
+        title = _cell_width(table.title) if table.title is not None else 0  # a title wider than the table would wrap
+        _console(width=max(int(width), title, 1)).print(table)
         return
     if isinstance(table, _Table) and table.columns:
         n = len(table.columns)
