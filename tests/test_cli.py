@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 
 import pytest
 from typer.testing import CliRunner
@@ -11,6 +12,14 @@ from typer.testing import CliRunner
 from visual_memory.cli import app
 
 runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def piped_output(monkeypatch):
+    """The CLI's consoles as in a pipe, even where the environment sets FORCE_COLOR or TTY_* (rich reads those at import)."""
+    app_module = sys.modules["visual_memory.cli.app"]
+    monkeypatch.setattr(app_module, "console", app_module._console(force_terminal=False))
+    monkeypatch.setattr(app_module, "err_console", app_module._console(stderr=True, force_terminal=False))
 
 
 def invoke(*args: str):

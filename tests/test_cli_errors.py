@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import sys
 
 import pytest
 from typer.testing import CliRunner
@@ -20,6 +21,14 @@ from visual_memory.errors import ImageError
 from visual_memory.index import MAX_K
 
 runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def piped_output(monkeypatch):
+    """The CLI's consoles as in a pipe, even where the environment sets FORCE_COLOR or TTY_* (rich reads those at import)."""
+    app_module = sys.modules["visual_memory.cli.app"]
+    monkeypatch.setattr(app_module, "console", app_module._console(force_terminal=False))
+    monkeypatch.setattr(app_module, "err_console", app_module._console(stderr=True, force_terminal=False))
 
 
 def invoke(*args):
@@ -191,7 +200,8 @@ def test_usage_errors_are_typers_own(args, message, mem_path, folders, tmp_path)
     fill = {"memory": mem_path, "image": folders["one"], "tmp": tmp_path}
     before = state(mem_path)
     r = invoke(*[a.format(**fill) for a in args])
-    flat = " ".join(re.sub("[│╭╮╰╯─]", " ", r.output).split())  # typer's error box wraps long lines
+    # typer's error box wraps long lines (and is coloured where FORCE_COLOR is set)
+    flat = " ".join(re.sub("[│╭╮╰╯─]", " ", re.sub(r"\x1b\[[0-9;]*m", "", r.output)).split())
     assert r.exit_code == 2 and message in flat and "Usage: vismem" in flat, r.output
     assert state(mem_path) == before
 

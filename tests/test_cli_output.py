@@ -40,6 +40,14 @@ CONTROL_SHOWN = "esc\\x1b[2Jclear\\x07"
 SRC = str(Path(vm.__file__).resolve().parents[1])
 
 
+@pytest.fixture(autouse=True)
+def piped_output(monkeypatch):
+    """The CLI's consoles as in a pipe, even where the environment sets FORCE_COLOR or TTY_* (rich reads those at import)."""
+    app_module = sys.modules["visual_memory.cli.app"]
+    monkeypatch.setattr(app_module, "console", app_module._console(force_terminal=False))
+    monkeypatch.setattr(app_module, "err_console", app_module._console(stderr=True, force_terminal=False))
+
+
 def invoke(*args):
     r = runner.invoke(app, [str(a) for a in args])
     assert "Traceback" not in r.output, r.output

@@ -166,7 +166,7 @@ def print_table(table: Table) -> None:
     if not console.is_terminal:
         width = Measurement.get(console, console.options.update_width(PIPE_MAX_WIDTH), table).maximum
         title = _cell_width(table.title) if table.title is not None else 0  # a title wider than the table would wrap
-        _console(width=max(int(width), title, 1)).print(table)
+        _console(file=console.file, width=max(int(width), title, 1), force_terminal=False).print(table)
         return
     if isinstance(table, _Table) and table.columns:
         n = len(table.columns)
