@@ -48,8 +48,9 @@ def _money(cost: Optional[float]) -> str:
 def print_rerank_eval(ev) -> None:
     """The `vismem eval --rerank` table: accuracy with and without, flips, latency, tokens, cost."""
     s = ev.stats
-    t = new_table("", "", keep=("",), title=f"re-ranking with {ev.model} ({ev.n_queries} queries, {ev.vote} vote at k={ev.k}, "
-                                                f"{ev.n_shown} neighbours shown, prompt {ev.prompt_version})")
+    t = new_table("measure", "value", keep=("measure",),
+                  title=f"re-ranking with {ev.model} ({ev.n_queries} queries, {ev.vote} vote at k={ev.k}, "
+                        f"{ev.n_shown} neighbours shown, prompt {ev.prompt_version})")
     t.show_header = False
     pct = (lambda x: f"{x} ({100 * x / max(1, ev.n_queries):.1f}%)")
     rows = [
