@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 
 import pytest
 from typer.testing import CliRunner
@@ -11,6 +12,14 @@ from typer.testing import CliRunner
 from visual_memory.cli import app
 
 runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def piped_output(monkeypatch):
+    """The CLI's consoles as in a pipe, even where the environment sets FORCE_COLOR or TTY_* (rich reads those at import)."""
+    app_module = sys.modules["visual_memory.cli.app"]
+    monkeypatch.setattr(app_module, "console", app_module._console(force_terminal=False))
+    monkeypatch.setattr(app_module, "err_console", app_module._console(stderr=True, force_terminal=False))
 
 
 def invoke(*args: str):
@@ -86,4 +95,15 @@ def test_demo_runs_on_real_data_and_writes_report(tmp_path, monkeypatch):
     assert report["memory_images"] == 50 and report["queries"] == 30
     # 10 classes: chance is 0.10; 5 exemplars/class with a real encoder do far better
     assert report["accuracy"]["rank"]["1"] > 0.3
-    assert (tmp_path / "demo" / "report.md").read_text().startswith("# visual-memory demo")
+    md = (tmp_path / "demo" / "report.md").read_text()
+    assert md.startswith("# visual-memory demo")
+    # The HTML report with its plots, as `vismem eval --report` writes it, and where it is.
+    html = tmp_path / "demo" / "report" / "report.html"
+    assert report["html_report"] == str(html) and "(report/report.html)" in md
+    assert f"HTML report with plots: {html}" in r.output
+    page = html.read_text()
+    assert page.count("data:image/png;base64,") >= 6  # the figures are embedded in the page
+    results = json.loads((tmp_path / "demo" / "report" / "results.json").read_text())
+    assert results["meta"]["memory"] == str(tmp_path / "demo" / "memory")
+    # The report's k=1 accuracy is the demo's own (same memory, same queries).
+    assert results["accuracy_vs_k"]["rank"][0] == pytest.approx(report["accuracy"]["rank"]["1"])

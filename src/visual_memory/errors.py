@@ -6,6 +6,28 @@ as it was before the call.
 """
 
 
+SHOW_FAILURES = 10  # failures named one by one in an error message; the rest are counted
+
+
+def list_failures(failures: list[str], *, total: int, what: str = "image(s)") -> str:
+    """One message naming every failure of an all-or-nothing call (the first `SHOW_FAILURES`; the rest counted).
+
+    >>> print(list_failures(["a.jpg: file is empty (0 bytes), not an image"], total=3))
+    a.jpg: file is empty (0 bytes), not an image; nothing was added
+    >>> print(list_failures(["a.jpg: file is empty", "b.png: no such file"], total=3))
+    2 of 3 image(s) cannot be used; nothing was added:
+      a.jpg: file is empty
+      b.png: no such file
+    """
+    if len(failures) == 1:
+        return f"{failures[0]}; nothing was added"
+    lines = [f"{len(failures)} of {total} {what} cannot be used; nothing was added:"]
+    lines += [f"  {f}" for f in failures[:SHOW_FAILURES]]
+    if len(failures) > SHOW_FAILURES:
+        lines.append(f"  ... and {len(failures) - SHOW_FAILURES} more")
+    return "\n".join(lines)
+
+
 class VisualMemoryError(Exception):
     """Base class: catch this to handle any error visual-memory raises on purpose."""
 

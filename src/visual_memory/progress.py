@@ -40,7 +40,8 @@ def progress_bar(enabled: bool | str, *, total: Optional[int], unit: str = "it")
 
     description = enabled if isinstance(enabled, str) else "working"
     columns = [
-        TextColumn("[bold]{task.description}"),
+        # markup=False: a description may hold a folder or label name, which is data, not markup.
+        TextColumn("{task.description}", style="bold", markup=False),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn(f"{unit}"),

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import typer
-from rich.markup import escape
-from rich.table import Table
 
 import visual_memory as vm
 
+from ..errors import ImageError, list_failures
+from ..images import list_images, load_image, scan_folder
 from ..vote import VOTES
 from . import rerank as rr
-from .app import app, console, handle_errors, parse_ks, print_json
+from .app import app, handle_errors, new_table, parse_ks, print_json, print_table, say, styled
 
 
 @app.command()
@@ -25,7 +26,7 @@ def create(
 ) -> None:
     """Create an empty memory."""
     mem = vm.create(memory, encoder=encoder, index=index)
-    console.print(f"created {mem.path} (encoder {encoder}, {mem.dim}-d, index {index})")
+    say(f"created {mem.path} (encoder {encoder}, {mem.dim}-d, index {index})")
 
 
 @app.command()
@@ -38,31 +39,67 @@ def add(
     skip_existing: bool = typer.Option(False, "--skip-existing", help="Skip images whose id is already present (default: refuse and add nothing)."),
     lock_timeout: float = typer.Option(0.0, "--lock-timeout", help="Seconds to wait for another writer."),
 ) -> None:
-    """Add images (files or folders) to a memory."""
+    """Add images (files or folders) to a memory: all of them, or nothing if any is bad."""
     mem = vm.open(memory)
-    total = 0
-    skipped = 0
+    items, labels = gather_images(paths, label)
+    # One add for every path: each image is validated (and every id checked) before the first commit.
+    r = mem.add(items, labels=labels, source=source, skip_existing=skip_existing, progress="adding images", lock_timeout=lock_timeout)
+    msg = f"added {r.added} record(s)"
+    if r.skipped:
+        msg += f", skipped {len(r.skipped)} already present"
+    say(f"{msg}; {len(mem)} in memory, version {mem.version}")
+
+
+def gather_images(paths: Sequence[Path], label: Optional[str]) -> tuple[list[Path], list[str]]:
+    """Every image the paths name, with its label; raises naming every path that cannot be used.
+
+    A folder without ``label`` is an ImageFolder (label = class sub-folder);
+    with ``label``, every image below it gets that label. A file needs ``label``.
+    Nothing is decoded here unless a path is bad: then the image files given
+    by name are checked too, so that one error lists every bad path at once
+    (`Memory.add` then validates every image before it writes anything).
+    """
+    items: list[Path] = []
+    labels: list[str] = []
+    problems: list[str] = []
+    files: list[Path] = []
     for p in paths:
         if p.is_dir():
-            r = mem.add(p, labels=label, source=source, skip_existing=skip_existing, progress=f"adding {p.name}", lock_timeout=lock_timeout)
-        else:
+            try:
+                found, found_labels = scan_folder(p) if label is None else (list_images(p), None)
+            except ImageError as exc:
+                problems.append(str(exc))
+                continue
+            if not found:
+                problems.append(f"{p}: no images found in this folder")
+                continue
+            items += found
+            labels += found_labels if found_labels is not None else [label] * len(found)
+        elif p.is_file():
             if label is None:
-                raise typer.BadParameter(f"{p}: a single image needs --label")
-            r = mem.add(p, labels=label, source=source, skip_existing=skip_existing, lock_timeout=lock_timeout)
-        total += r.added
-        skipped += len(r.skipped)
-    msg = f"added {total} record(s)"
-    if skipped:
-        msg += f", skipped {skipped} already present"
-    console.print(f"{msg}; {len(mem)} in memory, version {mem.version}")
+                problems.append(f"{p}: a single image needs --label")
+                continue
+            files.append(p)
+            items.append(p)
+            labels.append(label)
+        else:
+            problems.append(f"{p}: no such file or folder")
+    if problems:
+        for f in files:
+            try:
+                load_image(f)
+            except ImageError as exc:
+                problems.append(str(exc))
+        raise ImageError(list_failures(problems, total=len(paths), what="path(s)"))
+    return items, labels
 
 
 @app.command()
 @handle_errors
 def classify(
     memory: Path = typer.Argument(..., help="Memory directory."),
-    images: List[Path] = typer.Argument(..., help="Images to classify."),
-    k: int = typer.Option(50, "--k", "-k", min=1, help="Neighbours that vote."),
+    images: List[Path] = typer.Argument(..., dir_okay=False, help="Image files to classify."),
+    k: int = typer.Option(50, "--k", "-k", min=1, help="Neighbours that vote (at most the memory's size are used)."),
     vote: str = typer.Option("rank", "--vote", help=f"One of: {', '.join(VOTES)}."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON (with neighbours) instead of a table."),
     rerank: Optional[str] = rr.URL,
@@ -81,15 +118,18 @@ def classify(
     if as_json:
         print_json([{"image": str(p), **pred.to_dict()} for p, pred in zip(images, preds)])
         return
-    table = Table("image", "label", "confidence", "top neighbours (label, similarity)", *(["vote", "re-rank"] if reranker else []))
+    extra = ["vote", "re-rank"] if reranker else []
+    table = new_table("image", "label", "confidence", "k", "top neighbours (label, similarity)", *extra,
+                      keep=("image", "label", "vote"), right=("confidence", "k"))
     for p, pred in zip(images, preds):
         nb = ", ".join(f"{n.label} {n.similarity:.2f}" for n in pred.neighbors[:3])
-        extra = []
-        if pred.rerank is not None:
+        cells = [str(p), "(no records)" if pred.label is None else pred.label, f"{pred.confidence:.2f}", str(pred.k), nb]
+        if reranker:
             r = pred.rerank
-            extra = [str(pred.winner), f"fallback: {r.fallback}" if r.fallback else ("changed" if r.changed else "kept")]
-        table.add_row(*(escape(x) for x in (str(p), str(pred.label), f"{pred.confidence:.2f}", nb, *extra)))
-    console.print(table)
+            cells += ["" if r is None else str(pred.winner),
+                      "" if r is None else f"fallback: {r.fallback}" if r.fallback else ("changed" if r.changed else "kept")]
+        table.add_row(*cells)
+    print_table(table)
 
 
 @app.command()
@@ -103,28 +143,26 @@ def info(
     if as_json:
         print_json(data)
         return
-    console.print(f"[bold]{data['path']}[/]")
-    console.print(f"  records  {data['count']}")
-    console.print(f"  encoder  {data['encoder']} ({data['dim']}-d, fingerprint {data['encoder_fingerprint']})")
-    console.print(f"  index    {data['index']}")
-    console.print(f"  version  {data['version']}")
-    console.print(f"  on disk  {data['size_bytes'] / 1e6:.1f} MB")
-    table = Table("label", "records")
+    say((data["path"], "bold"))
+    say(f"  records  {data['count']}")
+    say(f"  encoder  {data['encoder']} ({data['dim']}-d, fingerprint {data['encoder_fingerprint']})")
+    say(f"  index    {data['index']}")
+    say(f"  version  {data['version']}")
+    say(f"  on disk  {data['size_bytes'] / 1e6:.1f} MB")
+    table = new_table("label", "records", keep=("label",), right=("records",))
     for lab, n in data["labels"].items():
         table.add_row(lab, str(n))
-    console.print(table)
+    print_table(table)
 
 
 def print_accuracy(result: "vm.EvalResult", title: str = "top-1 accuracy") -> None:
     ks = sorted(next(iter(result.accuracy.values())).keys())
-    table = Table(title=f"{title} ({result.n_queries} queries)")
-    table.add_column("vote")
-    for k in ks:
-        table.add_column(f"k={k}", justify="right")
+    cols = [f"k={k}" for k in ks]
+    table = new_table("vote", *cols, keep=("vote",), right=cols, title=f"{title} ({result.n_queries} queries)")
     best = max(a for accs in result.accuracy.values() for a in accs.values())
     for v, accs in result.accuracy.items():
-        table.add_row(v, *[(f"[bold]{accs[k]:.4f}[/]" if accs[k] == best else f"{accs[k]:.4f}") for k in ks])
-    console.print(table)
+        table.add_row(v, *[styled((f"{accs[k]:.4f}", "bold" if accs[k] == best else "")) for k in ks])
+    print_table(table)
 
 
 @app.command("eval")
@@ -132,9 +170,9 @@ def print_accuracy(result: "vm.EvalResult", title: str = "top-1 accuracy") -> No
 def eval_(
     memory: Path = typer.Argument(..., help="Memory directory."),
     folder: Path = typer.Argument(..., help="Labelled ImageFolder of queries (one sub-folder per class)."),
-    k: str = typer.Option("1,10,20,50,100", "--k", help="Comma-separated k values."),
+    k: str = typer.Option("1,10,20,50,100", "--k", help="Comma-separated k values (a k above the memory's size votes with every record)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON to this file."),
-    per_class: Optional[int] = typer.Option(None, "--per-class", help="Use only the first N queries of each class."),
+    per_class: Optional[int] = typer.Option(None, "--per-class", min=1, help="Use only the first N queries of each class."),
     report: Optional[Path] = typer.Option(None, "--report", help="Also run every paper evaluation and write JSON, PNGs and report.html into this folder."),
     rerank: Optional[str] = rr.URL,
     rerank_model: Optional[str] = rr.MODEL,
@@ -167,8 +205,8 @@ def eval_(
         result.extra["rerank"] = ev.to_dict()
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(__import__("json").dumps(result.to_dict(), indent=2) + "\n")
-        console.print(f"wrote {json_out}")
+        json_out.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+        say(f"wrote {json_out}")
     if report is not None:
         from .evaluate import write_eval_report
 
@@ -178,11 +216,11 @@ def eval_(
 @app.command()
 @handle_errors
 def demo(
-    out: Path = typer.Option(Path("vismem-demo"), "--out", help="Folder for the demo memory and report."),
-    per_class: int = typer.Option(100, "--per-class", help="Memory images per class."),
-    queries: int = typer.Option(30, "--queries", help="Held-out query images per class."),
+    out: Path = typer.Option(Path("vismem-demo"), "--out", help="Folder for the demo memory and reports."),
+    per_class: int = typer.Option(100, "--per-class", min=1, help="Memory images per class."),
+    queries: int = typer.Option(30, "--queries", min=1, help="Held-out query images per class."),
 ) -> None:
-    """Build a memory from real images, classify held-out ones, print and write a report."""
+    """Build a memory from real images, classify held-out ones, print and write reports (Markdown and HTML with plots)."""
     from ..demo import run_demo
 
     run_demo(out, per_class=per_class, queries_per_class=queries)

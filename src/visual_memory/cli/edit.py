@@ -6,18 +6,19 @@ from datetime import timedelta
 from pathlib import Path
 from typing import List, Optional
 
+import json
+
 import typer
-from rich.table import Table
 
 import visual_memory as vm
 
-from .app import app, console, handle_errors, print_json
+from .app import app, handle_errors, new_table, print_json, print_table, say
 
 _ID = typer.Option(None, "--id", help="Record id (repeat for several).")
 _LABEL = typer.Option(None, "--label", "-l", help="Every record with this label (repeatable).")
 _SOURCE = typer.Option(None, "--source", "-s", help="Every record with exactly this source.")
 _WHERE = typer.Option(None, "--where", help="Lance SQL filter, e.g. \"weight < 0.5\".")
-_IMAGE = typer.Option(None, "--image", help="Image file whose content hash is the record id (repeatable).")
+_IMAGE = typer.Option(None, "--image", dir_okay=False, help="Image file whose content hash is the record id (repeatable).")
 _LOCK = typer.Option(0.0, "--lock-timeout", help="Seconds to wait for another writer.")
 
 
@@ -48,7 +49,7 @@ def remove(
     if as_json:
         print_json(result.to_dict())
     else:
-        console.print(f"removed {result.removed} record(s); version {result.version}")
+        say(f"removed {result.removed} record(s); version {result.version}")
 
 
 @app.command()
@@ -69,7 +70,7 @@ def forget(
     data = result.to_dict()
     if receipt is not None:
         receipt.parent.mkdir(parents=True, exist_ok=True)
-        receipt.write_text(__import__("json").dumps(data, indent=2) + "\n")
+        receipt.write_text(json.dumps(data, indent=2) + "\n")
     print_json(data)
 
 
@@ -83,10 +84,11 @@ def relabel(
 ) -> None:
     """Give records a new label."""
     r = vm.open(memory).relabel(ids, label, lock_timeout=lock_timeout)
-    console.print(f"relabelled {r.changed} record(s) as {label!r}; version {r.version}")
+    say(f"relabelled {r.changed} record(s) as {label!r}; version {r.version}")
 
 
-@app.command()
+# ignore_unknown_options: `reweight M -1 --id X` reaches the library's ">= 0" check instead of "no such option: -1".
+@app.command(context_settings={"ignore_unknown_options": True})
 @handle_errors
 def reweight(
     memory: Path = typer.Argument(..., help="Memory directory."),
@@ -96,7 +98,7 @@ def reweight(
 ) -> None:
     """Set records' vote weight."""
     r = vm.open(memory).reweight(ids, weight, lock_timeout=lock_timeout)
-    console.print(f"reweighted {r.changed} record(s) to {weight}; version {r.version}")
+    say(f"reweighted {r.changed} record(s) to {weight}; version {r.version}")
 
 
 @app.command()
@@ -111,12 +113,13 @@ def history(
     if as_json:
         print_json({"version": mem.version, "tags": mem.tags(), "history": rows})
         return
-    table = Table("version", "op", "records", "when (UTC)", "readable", "tags")
+    table = new_table("version", "op", "records", "when (UTC)", "readable", "tags",
+                      keep=("op", "when (UTC)", "tags"), right=("version", "records"))
     for r in rows:
         table.add_row(str(r["version"]), str(r["op"]) + (" (recovered)" if r["recovered"] else ""),
                       "" if r["n"] is None else str(r["n"]), str(r["ts"])[:19], "yes" if r["readable"] else "erased",
                       ", ".join(r["tags"]))
-    console.print(table)
+    print_table(table)
 
 
 @app.command()
@@ -134,10 +137,10 @@ def tag(
         print_json(mem.tags())
     elif delete:
         mem.untag(name, lock_timeout=lock_timeout)
-        console.print(f"removed tag {name!r}")
+        say(f"removed tag {name!r}")
     else:
         r = mem.tag(name, version=version, lock_timeout=lock_timeout)
-        console.print(f"tagged version {r['version']} as {name!r}")
+        say(f"tagged version {r['version']} as {name!r}")
 
 
 @app.command()
@@ -145,7 +148,7 @@ def tag(
 def optimize(
     memory: Path = typer.Argument(..., help="Memory directory."),
     prune_days: Optional[float] = typer.Option(
-        None, "--prune-older-than", help="Also delete versions older than this many days (0: all but the current and tagged ones)."
+        None, "--prune-older-than", min=0, help="Also delete versions older than this many days (0: all but the current and tagged ones)."
     ),
     lock_timeout: float = _LOCK,
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
@@ -156,7 +159,7 @@ def optimize(
     if as_json:
         print_json(r.to_dict())
     else:
-        console.print(
+        say(
             f"fragments {r.fragments_before} -> {r.fragments_after}, removed rows dropped {r.tombstones_dropped}, "
             f"versions removed {r.versions_removed}, {r.bytes_before / 1e6:.1f} -> {r.bytes_after / 1e6:.1f} MB; version {r.version}"
         )

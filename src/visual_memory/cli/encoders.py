@@ -6,9 +6,8 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.table import Table
 
-from .app import app, console, handle_errors, print_json
+from .app import app, handle_errors, new_table, print_json, print_table, say, styled
 
 
 @app.command("encoders")
@@ -28,13 +27,16 @@ def encoders_cmd(
     if as_json:
         print_json(rows)
         return
-    table = Table("name", "dim", "input", "source", "weights here", "description")
+    if not rows:
+        say(("error:", "bold red"), f" no encoder name contains {filter!r}; `vismem encoders` lists them all", err=True)
+        raise typer.Exit(1)
+    table = new_table("name", "dim", "input", "source", "local", "description",
+                      keep=("name", "source"), right=("dim", "input"))
     for r in rows:
         table.add_row(r["name"], str(r["dim"]), f"{r['input_size']}px", r["source"],
-                      "[green]yes[/]" if r["weights_local"] else "[red]no[/]", r["description"])
-    console.print(table)
-    console.print("generic: " + ", ".join(f"{s}:<...>" for s in sorted(_SCHEMES))
-                  + "  (hf:<repo-or-dir>, timm:<model-name>, onnx:<file>)", highlight=False)
+                      styled(("yes", "green")) if r["weights_local"] else styled(("no", "red")), r["description"])
+    print_table(table)
+    say("generic: " + ", ".join(f"{s}:<...>" for s in sorted(_SCHEMES)) + "  (hf:<repo-or-dir>, timm:<model-name>, onnx:<file>)")
 
 
 @app.command("export-onnx")
@@ -51,9 +53,9 @@ def export_onnx_cmd(
 
     kwargs = {"weights": weights} if weights else {}
     path = export_encoder(encoder, out, **kwargs)
-    console.print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB); use it as --encoder onnx:{path}")
+    say(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB); use it as --encoder onnx:{path}")
     if check:
         a = create_encoder(encoder, backend="torch", **kwargs).embed([str(p) for p in check])
         b = create_encoder(f"onnx:{path}").embed([str(p) for p in check])
         cos = (a * b).sum(axis=1)
-        console.print(f"cosine(torch, onnx) over {len(check)} image(s): min {cos.min():.6f}, mean {cos.mean():.6f}")
+        say(f"cosine(torch, onnx) over {len(check)} image(s): min {cos.min():.6f}, mean {cos.mean():.6f}")

@@ -6,11 +6,10 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.table import Table
 
 import visual_memory as vm
 
-from .app import app, console, handle_errors, parse_ks, print_json
+from .app import app, handle_errors, new_table, parse_ks, print_json, print_table, say
 
 
 @app.command()
@@ -37,8 +36,8 @@ def prune(
         print_json(res.to_dict())
         return
     what = {"hard": "silenced (weight 0)", "soft": "down-weighted", "undo": "restored"}[res.mode]
-    console.print(f"{res.mode} prune: {res.changed} weight(s) changed, {res.pruned} record(s) {what}; "
-                  f"version {res.version_before} -> {res.version} (undo: vismem prune {memory} --undo)")
+    say(f"{res.mode} prune: {res.changed} weight(s) changed, {res.pruned} record(s) {what}; "
+        f"version {res.version_before} -> {res.version} (undo: vismem prune {memory} --undo)")
 
 
 @app.command("label-issues")
@@ -57,12 +56,13 @@ def label_issues(
     if as_json:
         print_json([i.to_dict() for i in issues])
         return
-    table = Table("id", "label", "suggested", "score", "wrong", "nearest neighbours (label, similarity)",
-                  title=f"{len(issues)} likely label issue(s) in {len(mem)} records (k={k})")
+    table = new_table("label", "suggested", "score", "wrong", "nearest neighbours (label, similarity)", "id",
+                      keep=("id", "label", "suggested"), right=("score", "wrong"),
+                      title=f"{len(issues)} likely label issue(s) in {len(mem)} records (k={k})")
     for i in issues:
         nb = ", ".join(f"{lab} {s:.2f}" for _, lab, s in i.neighbors[:4])
-        table.add_row(i.id[:16], i.label, str(i.suggested), f"{i.score:.2f}", str(i.wrong), nb)
-    console.print(table)
+        table.add_row(i.label, str(i.suggested), f"{i.score:.2f}", str(i.wrong), nb, i.id)
+    print_table(table)
 
 
 @app.command("export-neighbors")
@@ -82,7 +82,7 @@ def export_neighbors(
     x, y, paths = embed_folder(mem.encoder, folder, per_class=per_class, progress="embedding queries")
     ids = [str(Path(p).relative_to(folder)) for p in paths]
     data = export(mem, x, query_ids=ids, query_labels=y, k=k, path=out)
-    console.print(f"wrote {len(data)} queries x {k} neighbours to {out}")
+    say(f"wrote {len(data)} queries x {min(k, len(mem))} neighbours to {out}")
 
 
 @app.command("import-neighbors")
@@ -100,10 +100,12 @@ def import_neighbors(
         print_json(res)
         return
     ks = sorted(next(iter(res["accuracy"].values())))
-    table = Table("vote", *[f"k={x}" for x in ks], title=f"{path.name}: {res['n_queries']} queries ({', '.join(res['featurizer'])})")
+    cols = [f"k={x}" for x in ks]
+    table = new_table("vote", *cols, keep=("vote",), right=cols,
+                      title=f"{path.name}: {res['n_queries']} queries ({', '.join(res['featurizer'])})")
     for v, accs in res["accuracy"].items():
         table.add_row(v, *[f"{accs[x]:.4f}" for x in ks])
-    console.print(table)
+    print_table(table)
 
 
 def write_eval_report(mem, folder: Path, report_dir: Path, *, per_class: Optional[int] = None) -> dict:
@@ -111,5 +113,5 @@ def write_eval_report(mem, folder: Path, report_dir: Path, *, per_class: Optiona
     from ..evaluate import report_for_memory
 
     res = report_for_memory(mem, folder, report_dir, per_class=per_class, progress="report")
-    console.print(f"report: {res['paths']['html']} ({res['meta']['total_s']:.0f} s)")
+    say(f"report: {res['paths']['html']} ({res['meta']['total_s']:.0f} s)")
     return res

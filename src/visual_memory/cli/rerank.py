@@ -5,10 +5,8 @@ from __future__ import annotations
 from typing import Optional
 
 import typer
-from rich.markup import escape
-from rich.table import Table
 
-from .app import console
+from .app import new_table, print_table, styled
 
 URL = typer.Option(None, "--rerank", metavar="URL",
                    help="Re-rank the vote with a vision-language model: an OpenAI-compatible endpoint "
@@ -50,17 +48,19 @@ def _money(cost: Optional[float]) -> str:
 def print_rerank_eval(ev) -> None:
     """The `vismem eval --rerank` table: accuracy with and without, flips, latency, tokens, cost."""
     s = ev.stats
-    t = Table(title=escape(f"re-ranking with {ev.model} ({ev.n_queries} queries, {ev.vote} vote at k={ev.k}, "
-                           f"{ev.n_shown} neighbours shown, prompt {ev.prompt_version})"), show_header=False)
+    t = new_table("measure", "value", keep=("measure",),
+                  title=f"re-ranking with {ev.model} ({ev.n_queries} queries, {ev.vote} vote at k={ev.k}, "
+                        f"{ev.n_shown} neighbours shown, prompt {ev.prompt_version})")
+    t.show_header = False
     pct = (lambda x: f"{x} ({100 * x / max(1, ev.n_queries):.1f}%)")
     rows = [
         ("accuracy, vote", f"{ev.accuracy_vote:.4f}"),
-        ("accuracy, re-ranked", f"[bold]{ev.accuracy_rerank:.4f}[/]"),
+        ("accuracy, re-ranked", styled((f"{ev.accuracy_rerank:.4f}", "bold"))),
         ("changed", pct(ev.changed)),
         ("  wrong -> right", str(ev.wrong_to_right)),
         ("  right -> wrong", str(ev.right_to_wrong)),
         ("  wrong -> wrong", str(ev.wrong_to_wrong)),
-        ("fallbacks (vote kept)", escape(", ".join(f"{k} {v}" for k, v in s.fallbacks.items()) or "none")),
+        ("fallbacks (vote kept)", ", ".join(f"{k} {v}" for k, v in s.fallbacks.items()) or "none"),
         ("calls / cache hits / attempts", f"{s.calls} / {s.cache_hits} / {s.attempts}"),
         ("latency per call (mean, p50, p95, max)",
          "-" if s.latency_mean_s is None else f"{s.latency_mean_s:.2f}, {s.latency_p50_s:.2f}, {s.latency_p95_s:.2f}, {s.latency_max_s:.2f} s"),
@@ -69,4 +69,4 @@ def print_rerank_eval(ev) -> None:
     ]
     for name, value in rows:
         t.add_row(name, value)
-    console.print(t)
+    print_table(t)

@@ -12,7 +12,7 @@ import visual_memory as vm
 
 from ..vote import VOTES
 from . import rerank as rr
-from .app import app, console, handle_errors, print_json
+from .app import app, handle_errors, new_table, print_json, print_table, say
 
 
 def _is_loopback(host: str) -> bool:
@@ -57,13 +57,13 @@ def serve(
                                  concurrency=rerank_concurrency, price=rerank_price)
     application = create_app(memory, token=token, protect_reads=protect_reads, reranker=reranker)
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    console.print(f"serving {memory} at http://{shown}:{port}/  (API docs: /docs)")
-    console.print(f"edit token: {token}")
-    console.print(f"open the UI with the token filled in: http://{shown}:{port}/#token={token}", soft_wrap=True)
+    say(f"serving {memory} at http://{shown}:{port}/  (API docs: /docs)")
+    say(f"edit token: {token}")
+    say(f"open the UI with the token filled in: http://{shown}:{port}/#token={token}")
     if protect_reads:
-        console.print("listening beyond localhost: reads need the token too (--open-reads to lift that)")
+        say("listening beyond localhost: reads need the token too (--open-reads to lift that)")
     if reranker is not None:
-        console.print(f"re-ranking on request (POST /classify?rerank=true) with {reranker.model}", markup=False)
+        say(f"re-ranking on request (POST /classify?rerank=true) with {reranker.model}")
     uvicorn.run(application, host=host, port=port, log_level="info")
 
 
@@ -71,7 +71,7 @@ def serve(
 @handle_errors
 def explain(
     memory: Path = typer.Argument(..., help="Memory directory."),
-    image: Path = typer.Argument(..., help="The image to explain."),
+    image: Path = typer.Argument(..., dir_okay=False, help="The image file to explain."),
     html: Optional[Path] = typer.Option(None, "--html", help="Write a self-contained HTML explanation here."),
     k: int = typer.Option(10, "--k", "-k", min=1, help="Neighbours that vote (and are shown)."),
     vote: str = typer.Option("rank", "--vote", help=f"One of: {', '.join(VOTES)}."),
@@ -82,18 +82,19 @@ def explain(
     if as_json:
         print_json(e.to_dict(thumbnails=False))
     else:
-        from rich.table import Table
-
-        console.print(f"[bold]{e.label}[/] (confidence {e.prediction.confidence:.2f}, k={k}, {vote} vote)")
-        bars = Table("label", "score", "")
+        p = e.prediction
+        say(("(no records)" if e.label is None else e.label, "bold"),
+            f" (confidence {p.confidence:.2f}, k={p.k}, {vote} vote)")
+        bars = new_table("label", "score", "", keep=("label",), right=("score",))
         top = max(e.scores.values(), default=1.0) or 1.0
         for lab, s in e.scores.items():
             bars.add_row(lab, f"{s:.3f}", "█" * max(1, round(30 * s / top)))
-        console.print(bars)
-        nb = Table("rank", "label", "similarity", "weight", "contribution", "id")
+        print_table(bars)
+        nb = new_table("rank", "label", "similarity", "weight", "contribution", "id",
+                       keep=("label", "id"), right=("rank", "similarity", "weight", "contribution"))
         for n in e.neighbors:
-            nb.add_row(str(n.rank + 1), n.label, f"{n.similarity:.3f}", f"{n.weight:g}", f"{n.contribution:.3f}", n.id[:16])
-        console.print(nb)
+            nb.add_row(str(n.rank + 1), n.label, f"{n.similarity:.3f}", f"{n.weight:g}", f"{n.contribution:.3f}", n.id)
+        print_table(nb)
     if html is not None:
         e.save_html(html)
-        console.print(f"wrote {html}")
+        say(f"wrote {html}")

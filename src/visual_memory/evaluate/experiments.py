@@ -281,7 +281,8 @@ def _holdout(tx, ty, vx, vy, L, coder, holdout, K, k_ref, sims_all, idx_all) -> 
 
 def _new_classes(data, tx, ty, vx, vy, coder, K, k_ref, sims_all, idx_all) -> Optional[dict]:
     if data.new_x is None or data.new_val_x is None:
-        return {"skipped": "no new-class data given (Fashion-MNIST is not installed, or the memory has no encoder)"}
+        return {"skipped": "no new-class data given (new_classes=None, Fashion-MNIST is not installed, "
+                           "or the memory has no encoder)"}
     nx = np.ascontiguousarray(data.new_x, np.float32)
     nvx = np.ascontiguousarray(data.new_val_x, np.float32)
     ny, nvy = coder.encode(data.new_y, add=False), coder.encode(data.new_val_y, add=False)

@@ -8,13 +8,13 @@ anything else is a FAISS factory index (`FaissIndex`: ``"IVF1024,Flat"``,
 
 from __future__ import annotations
 
-from .base import Index, as_queries, check_k
+from .base import MAX_K, Index, as_queries, check_k
 from .exact import ExactIndex, drop_self, exact_knn, exact_self_knn
 from .faiss_ann import FaissIndex, build_faiss
 
 EXACT = "Flat"
 
-__all__ = ["EXACT", "ExactIndex", "FaissIndex", "Index", "as_queries", "check_k", "drop_self", "exact_knn",
+__all__ = ["EXACT", "MAX_K", "ExactIndex", "FaissIndex", "Index", "as_queries", "check_k", "drop_self", "exact_knn",
            "exact_self_knn", "make_index", "validate_spec"]
 
 

@@ -68,9 +68,18 @@ def checked(x: np.ndarray, dim: int, what: str) -> np.ndarray:
     return x
 
 
+# Neighbours per query. The paper votes with up to 100; k x n_queries results are held in
+# RAM, so a k past this is a typo and is refused (`Memory.search` also clamps k to its size).
+MAX_K = 10_000
+
+
 def check_k(k) -> int:
+    """``int(k)``, or a ValueError unless ``1 <= k <= MAX_K``."""
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"k must be a positive integer; got {k!r}")
+    if k > MAX_K:
+        raise ValueError(f"k={k} is more neighbours than any vote needs; the limit is {MAX_K} "
+                         "(visual_memory.index.MAX_K; a k above the memory's size is clamped to it)")
     return int(k)
 
 

@@ -33,6 +33,16 @@ log = logging.getLogger(__name__)
 IdsLike = editing.IdsLike
 
 
+def _clamped_ks(ks: Sequence[int], width: int) -> tuple[list[int], list[int]]:
+    """The distinct ks searchable in ``width`` neighbours, and where each of ``ks`` reads its result.
+
+    >>> _clamped_ks([1, 10, 100], 5)
+    ([1, 5], [0, 1, 1])
+    """
+    used = sorted({min(k, width) for k in ks})
+    return used, [used.index(min(k, width)) for k in ks]
+
+
 def _score_dicts(totals: np.ndarray, labels: list[str]) -> list[dict[str, float]]:
     """Per query, {label: total} for labels with a vote, highest first (ties: lower code first)."""
     qi, ci = np.nonzero(totals)
@@ -351,18 +361,21 @@ class Memory:
         ----------
         queries : image(s) or float array of shape (n, dim)
         k : int, default 50
+            At most `visual_memory.index.MAX_K`; clamped to ``len(self)``
+            (there are no more neighbours to find).
         params : dict, optional
             Per-call index parameters (``nprobe``, ``efSearch``); exact search takes none.
 
         Returns
         -------
-        similarities : float32 array of shape (n_queries, k), descending; -inf pads
-        rows : int64 array of shape (n_queries, k), rows of `rows`; -1 pads
+        similarities : float32 array of shape (n_queries, min(k, len(self))), descending; -inf pads
+        rows : int64 array of the same shape, rows of `rows`; -1 pads (an approximate
+            index may find fewer; an empty memory gives one column of pads)
         """
         check_k(k)
         q = self._query_vectors(queries, progress)
         self._state.sync()
-        return self._state.index.search(q, k, params=params)
+        return self._state.index.search(q, max(1, min(k, len(self))), params=params)
 
     def kneighbors(self, queries, *, k: int = 50, progress: bool | str = False,
                    **search_params) -> tuple[np.ndarray, list[list[Optional[str]]]]:
@@ -370,8 +383,8 @@ class Memory:
 
         Returns
         -------
-        similarities : float32 array of shape (n_queries, k), descending
-        ids : list of lists of record ids (None where the memory has fewer than k)
+        similarities : float32 array of shape (n_queries, min(k, len(self))), descending
+        ids : list of lists of record ids (None where fewer were found)
         """
         sims, rows = self.search(queries, k=k, params=search_params or None, progress=progress)
         return sims, self._state.rows.id_lists(rows)
@@ -396,6 +409,8 @@ class Memory:
             Images (paths, bytes, PIL, uint8 arrays) are embedded with the
             memory's encoder; a float array is taken as embeddings.
         k : int, default 50
+            Neighbours that vote; clamped to ``len(self)`` (``Prediction.k``
+            is the k used), at most `visual_memory.index.MAX_K`.
         vote : {"rank", "plurality", "distance", "softmax"}, default "rank"
         abstain_below : float in [0, 1], optional
             Abstain when the winner's vote share (`Prediction.confidence`) is
@@ -418,6 +433,7 @@ class Memory:
         if abstain_below is not None and not (isinstance(abstain_below, (int, float)) and 0.0 <= abstain_below <= 1.0):
             raise ValueError(f"abstain_below must be a vote share in [0, 1]; got {abstain_below!r}")
         sims, rows = self.search(queries, k=k, params=search_params, progress=progress)
+        width, k = rows.shape[1], min(k, len(self))
         table = self._state.rows
         codes, rec_w = table.codes_weights(rows)
         contrib = voting.neighbor_weights(sims, vote, **vote_params) * rec_w
@@ -438,8 +454,8 @@ class Memory:
                     k=k,
                     vote=vote,
                     version=version,
-                    ids=all_ids[q * k : (q + 1) * k],
-                    labels=all_labels[q * k : (q + 1) * k],
+                    ids=all_ids[q * width : (q + 1) * width],
+                    labels=all_labels[q * width : (q + 1) * width],
                     sims=sims[q],
                     weights=rec_w[q],
                     contrib=contrib[q],
@@ -473,20 +489,23 @@ class Memory:
     ) -> dict[str, np.ndarray]:
         """Predicted labels for every vote at every k from one search.
 
+        A k above the memory's size votes with every record (as k = ``len(self)``).
+
         Returns
         -------
-        dict vote -> object array of shape (n_queries, len(ks))
+        dict vote -> object array of shape (n_queries, len(ks)), columns in ascending k
         """
         ks = sorted({check_k(k) for k in ks})
         for v in votes:
             voting.check_vote(v, (vote_params or {}).get(v))
         sims, rows = self.search(queries, k=max(ks), progress=progress)
+        used, column = _clamped_ks(ks, rows.shape[1])
         table = self._state.rows
         codes, rec_w = table.codes_weights(rows)
         out = {}
         for v in votes:
             contrib = voting.neighbor_weights(sims, v, **(vote_params or {}).get(v, {})) * rec_w
-            out[v] = table.labels.decode(voting.predict_every_k(codes, contrib, len(table.labels), ks))
+            out[v] = table.labels.decode(voting.predict_every_k(codes, contrib, len(table.labels), used)[:, column])
         return out
 
     def prune(self, *, mode: str = "soft", threshold: Optional[int] = None, k: Optional[int] = None, c: float = 1.75,
@@ -530,6 +549,8 @@ class Memory:
         queries : folder path (ImageFolder), images, or array of shape (n, dim)
         labels : sequence of str, optional
             True labels; taken from the folder when ``queries`` is a folder.
+        ks : sequence of int
+            A k above the memory's size is scored as k = ``len(self)`` (every record votes).
         """
         if isinstance(queries, (str, os.PathLike)) and Path(queries).is_dir():
             from ..cache import embed_folder
@@ -549,7 +570,8 @@ class Memory:
         codes, rec_w = table.codes_weights(rows)
         # A true label the memory has never seen can only be missed: code -2 matches no prediction.
         truth = np.array([table.labels.code(x) if x in table.labels else -2 for x in labels], dtype=np.int64)
-        acc = {v: dict(zip(ks, voting.accuracy_every_k(codes, sims, truth, len(table.labels), ks, v, rec_w).tolist()))
+        used, column = _clamped_ks(ks, rows.shape[1])
+        acc = {v: dict(zip(ks, voting.accuracy_every_k(codes, sims, truth, len(table.labels), used, v, rec_w)[column].tolist()))
                for v in votes}
         return EvalResult(n_queries=len(labels), accuracy=acc, version=self.version)
 

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..encoders import Encoder, EncoderSpec
-from ..errors import DuplicateIdError, EncoderMismatchError, ImageError
+from ..errors import DuplicateIdError, EncoderMismatchError, ImageError, list_failures
 from ..images import as_list, load_image, scan_folder
 from ..index import as_queries
 from ..results import AddResult
@@ -83,18 +83,28 @@ def resolve_inputs(images, labels) -> tuple[list, list[str]]:
 
 
 def validate_images(items: list, *, progress: bool | str) -> list[str]:
-    """Decode every image once (raising on the first bad one); their SHA-256 content hashes."""
+    """Decode every image once; their SHA-256 content hashes, or one `ImageError` naming every bad image."""
     from concurrent.futures import ThreadPoolExecutor
 
     from ..progress import progress_bar
 
+    def check(item) -> tuple[Optional[str], Optional[str]]:
+        try:
+            return load_image(item).sha256, None
+        except ImageError as exc:  # keep going: the error names every bad image, not only the first
+            return None, str(exc)
+
     with ThreadPoolExecutor(max_workers=2) as pool, progress_bar(
         "validating" if progress else False, total=len(items), unit="img"
     ) as bar:
-        hashes = []
-        for h in pool.map(lambda item: load_image(item).sha256, items):
+        hashes, failures = [], []
+        for h, failure in pool.map(check, items):
             hashes.append(h)
+            if failure is not None:
+                failures.append(failure)
             bar.advance()
+    if failures:
+        raise ImageError(list_failures(failures, total=len(items)))
     return hashes
 
 
