@@ -63,7 +63,7 @@ class Memory:
     --------
     >>> import numpy as np, tempfile, visual_memory as vm
     >>> mem = vm.create(tempfile.mkdtemp() + "/m", encoder=None, dim=2)
-    >>> mem.add_embeddings(np.array([[1, 0], [0, 1]]), labels=["cat", "dog"], ids=["a", "b"]).added
+    >>> mem.add_embeddings(np.array([[1.0, 0.0], [0.0, 1.0]]), labels=["cat", "dog"], ids=["a", "b"]).added
     2
     >>> mem.classify(np.array([[0.9, 0.1]]), k=1)[0].label
     'cat'
