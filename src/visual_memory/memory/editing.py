@@ -20,7 +20,6 @@ with no records is a `SelectorError` (a typo, most likely); a ``source`` or
 from __future__ import annotations
 
 import logging
-import math
 import re
 from datetime import timedelta
 from typing import Any, Optional, Sequence, Union

@@ -178,11 +178,16 @@ class RequestGuard:
         self.allowed_hosts = tuple(allowed_hosts)
         self.allowed_origins = tuple(allowed_origins)
 
+    @staticmethod
+    def _serves(route: BaseRoute, scope: Scope) -> bool:
+        methods = getattr(route, "methods", None)  # checked first: a method test is cheaper than the path regex
+        return (methods is None or scope["method"] in methods) and route.matches(scope)[0] is Match.FULL
+
     def _needs_token(self, scope: Scope) -> bool:
-        return any(route.matches(scope)[0] is Match.FULL for route in self.protected)
+        return any(self._serves(route, scope) for route in self.protected)
 
     def _body_limit(self, scope: Scope) -> int:
-        return next((limit for route, limit in self.body_limits if route.matches(scope)[0] is Match.FULL), self.max_body)
+        return next((limit for route, limit in self.body_limits if self._serves(route, scope)), self.max_body)
 
     def _refusal(self, scope: Scope, headers: Headers, limit: int) -> Optional[tuple[int, str, str]]:
         """``(status, message, kind)`` of the refusal this request gets before its body is read, or None."""
