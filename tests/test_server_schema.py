@@ -33,6 +33,34 @@ TESTS = Path(__file__).resolve().parent
 MAX_FILES = 4  # images per add: keeps each generated add request cheap to embed
 
 
+def test_schema_documents_errors_and_methods_as_served(tmp_path):
+    """The problems schemathesis found on the old server, each checked directly (fast, no fuzzing)."""
+    import numpy as np
+
+    from server_support import local_client
+    from visual_memory.server import create_app
+
+    m = vm.create(tmp_path / "v", encoder=None, dim=4)
+    m.add_embeddings(np.eye(4, dtype=np.float32), list("abcd"), ids=["a", "b", "c", "d/thumb"])
+    with local_client(create_app(m, token=TOKEN)) as c:
+        spec = c.get("/openapi.json").json()
+        for path, ops in spec["paths"].items():
+            for method, op in ops.items():
+                for status, response in op["responses"].items():
+                    if status.startswith("4"):  # every error is documented as what it is: {detail: str, error: str}
+                        assert response["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorBody"}, (path, method, status)
+        assert spec["components"]["schemas"]["ErrorBody"]["properties"]["detail"]["type"] == "string"
+        r = c.post("/forget", json={}, headers={"Authorization": f"Bearer {TOKEN}"})
+        assert r.status_code == 422 and isinstance(r.json()["detail"], str) and r.json()["errors"][0]["loc"] == ["body", "ids"]
+        # Allow names every method of the path, as the schema does (DELETE was missing).
+        for url, allow in (("/records/a", "DELETE, GET"), ("/records/d/thumb", "DELETE, GET"), ("/records/a/thumbnail", "GET"), ("/records", "GET, POST")):
+            r = c.options(url)
+            assert r.status_code == 405 and r.headers["allow"] == allow, (url, r.headers.get("allow"))
+        # Schema-valid ids are served: any non-empty text (an unknown one is 404), one holding "/".
+        assert c.post("/forget", json={"ids": [" "]}, headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 404
+        assert c.get("/records/d/thumb").json()["id"] == "d/thumb"
+
+
 @pytest.fixture(scope="module")
 def base_memory(tmp_path_factory, cifar_root, cifar_small, encoder):
     return build_base_memory(tmp_path_factory.mktemp("schema") / "base", cifar_root, cifar_small, encoder)

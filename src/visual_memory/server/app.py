@@ -388,7 +388,7 @@ def create_app(
         tags=["records"],
         summary="A record's stored thumbnail (JPEG)",
         response_class=Response,
-        responses={200: {"content": {"image/jpeg": {}}}, **responses(*reads_401, 404)},
+        responses={200: {"content": {"image/jpeg": {}}}, **responses(*reads_401, 404, 422)},
         dependencies=read_dep,
     )
     def record_thumbnail(record_id: str) -> Response:
@@ -399,7 +399,7 @@ def create_app(
         return Response(rec["thumbnail"], media_type="image/jpeg", headers={"Cache-Control": "no-cache"})
 
     @app.get("/records/{record_id:record_id}", tags=["records"], summary="One record by id",
-             dependencies=read_dep, responses=responses(*reads_401, 404))
+             dependencies=read_dep, responses=responses(*reads_401, 404, 422))
     def get_record(record_id: str) -> dict:
         with service.reading() as m:
             (rec,) = m.get([record_id], columns=["id", "label", "source", "weight", "added_at", "metadata", "thumbnail"])
@@ -444,7 +444,7 @@ def create_app(
         return {"version": result.version, "added": result.added, "skipped": result.skipped, "ids": result.ids}
 
     @app.delete("/records/{record_id:record_id}", tags=["edit"], summary="Remove one record",
-                dependencies=write_dep, responses=responses(401, 404, 503))
+                dependencies=write_dep, responses=responses(401, 404, 422, 503))
     def delete_record(record_id: str) -> dict:
         with service.writing() as m:
             return _to_json(m.remove(ids=[record_id]))
