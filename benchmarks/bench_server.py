@@ -134,7 +134,7 @@ def main() -> None:
                     i = 0
                     while not stop.is_set() and i < len(writes):
                         t = time.perf_counter()
-                        r = c.post("/records", files={"files": (f"w{i}.jpg", writes[i], "image/jpeg")}, data={"label": "written"})
+                        r = c.post("/records", files={"files": (f"w{i}.jpg", writes[i], "image/jpeg")}, params={"label": "written"})
                         if r.status_code != 201:
                             werr.append(f"add {r.status_code} {r.text[:200]}")
                         else:

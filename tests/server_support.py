@@ -32,6 +32,14 @@ def build_base_memory(path: Path, cifar_root: Path, cifar_small: dict, encoder) 
     return path
 
 
+def local_client(app):
+    """FastAPI's TestClient speaking to the app as http://127.0.0.1 (the server refuses
+    Host names it does not serve, such as TestClient's default "testserver")."""
+    from fastapi.testclient import TestClient
+
+    return TestClient(app, base_url="http://127.0.0.1")
+
+
 def copy_memory(base: Path, dest: Path, encoder) -> "vm.Memory":
     shutil.copytree(base, dest)
     return vm.open(dest, encoder=encoder)

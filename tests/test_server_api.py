@@ -11,10 +11,9 @@ import io
 
 import numpy as np
 import pytest
-from fastapi.testclient import TestClient
 from PIL import Image
 
-from server_support import TOKEN, build_base_memory, copy_memory, val_image
+from server_support import TOKEN, build_base_memory, copy_memory, local_client, val_image
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
@@ -33,7 +32,7 @@ def mem(base_memory, tmp_path, encoder):
 def client(mem):
     from visual_memory.server import create_app
 
-    with TestClient(create_app(mem, token=TOKEN)) as c:
+    with local_client(create_app(mem, token=TOKEN)) as c:
         yield c
 
 
@@ -104,24 +103,24 @@ def test_classify_bad_inputs(client, cifar_root, mem):
     assert client.post("/classify?k=0", files={"file": jpeg(data)}).status_code == 422
     assert client.post("/classify?k=abc", files={"file": jpeg(data)}).status_code == 422
     r = client.post("/classify?vote=median", files={"file": jpeg(data)})
-    assert r.status_code == 400 and "median" in r.json()["detail"]
+    assert r.status_code == 422 and "median" in r.json()["detail"]
 
 
 def test_upload_limits(mem, cifar_root):
     from visual_memory.server import create_app
 
     data = val_image(cifar_root, "dog")
-    with TestClient(create_app(mem, token=TOKEN, max_upload_bytes=len(data) - 1)) as c:
+    with local_client(create_app(mem, token=TOKEN, max_upload_bytes=len(data) - 1)) as c:
         r = c.post("/classify", files={"file": jpeg(data)})
         assert r.status_code == 413 and "byte" in r.json()["detail"]
         before = state(mem)
-        assert c.post("/records", files={"files": jpeg(data)}, data={"label": "dog"}, headers=AUTH).status_code == 413
+        assert c.post("/records", files={"files": jpeg(data)}, params={"label": "dog"}, headers=AUTH).status_code == 413
         assert state(mem) == before
-    with TestClient(create_app(mem, token=TOKEN, max_upload_pixels=32 * 32 - 1)) as c:
+    with local_client(create_app(mem, token=TOKEN, max_upload_pixels=32 * 32 - 1)) as c:
         r = c.post("/classify", files={"file": jpeg(data)})
         assert r.status_code == 413 and "pixel" in r.json()["detail"]
     # A huge declared body is refused before it is parsed.
-    with TestClient(create_app(mem, token=TOKEN, max_upload_bytes=1000, max_files=2)) as c:
+    with local_client(create_app(mem, token=TOKEN, max_upload_bytes=1000, max_files=2)) as c:
         big = b"x" * (3 * 1024 * 1024)
         r = c.post("/classify", content=big, headers={"content-type": "multipart/form-data; boundary=zz"})
         assert r.status_code == 413
@@ -179,7 +178,7 @@ def test_history_newest_first(client, mem):
 def test_reads_can_require_the_token(mem):
     from visual_memory.server import create_app
 
-    with TestClient(create_app(mem, token=TOKEN, protect_reads=True)) as c:
+    with local_client(create_app(mem, token=TOKEN, protect_reads=True)) as c:
         assert c.get("/records").status_code == 401
         assert c.get("/records", headers=AUTH).status_code == 200
 
@@ -191,7 +190,7 @@ def test_mutations_need_the_token(client, mem, cifar_root):
     before = state(mem)
     some = real_ids(mem)[0]
     calls = [
-        ("post", "/records", {"files": {"files": jpeg(val_image(cifar_root, "cat"))}, "data": {"label": "cat"}}),
+        ("post", "/records", {"files": {"files": jpeg(val_image(cifar_root, "cat"))}, "params": {"label": "cat"}}),
         ("delete", f"/records/{some}", {}),
         ("post", "/forget", {"json": {"ids": [some]}}),
         ("post", "/relabel", {"json": {"ids": [some], "label": "x"}}),
@@ -208,7 +207,7 @@ def test_mutations_need_the_token(client, mem, cifar_root):
 def test_add_images_new_class_then_classify(client, mem, cifar_root):
     imgs = [val_image(cifar_root, "frog", i) for i in range(5)]
     files = [("files", (f"f{i}.jpg", b, "image/jpeg")) for i, b in enumerate(imgs[:4])]
-    r = client.post("/records", files=files, data={"label": "my-frog"}, headers=AUTH)
+    r = client.post("/records", files=files, params={"label": "my-frog"}, headers=AUTH)
     assert r.status_code == 201, r.text
     out = r.json()
     assert out["added"] == 4 and len(out["ids"]) == 4 and out["skipped"] == []
@@ -218,16 +217,16 @@ def test_add_images_new_class_then_classify(client, mem, cifar_root):
     # The stored image is its own nearest neighbour.
     p = client.post("/classify?k=5", files={"file": jpeg(imgs[0])}).json()
     assert p["neighbors"][0]["id"] == out["ids"][0] and p["neighbors"][0]["similarity"] == pytest.approx(1.0, abs=1e-4)
-    # Per-file labels.
-    r = client.post("/records", files=[("files", ("a.jpg", imgs[4], "image/jpeg"))], data={"labels": ["frog"]}, headers=AUTH)
+    # A second label: a second request.
+    r = client.post("/records", files=[("files", ("a.jpg", imgs[4], "image/jpeg"))], params={"label": "frog"}, headers=AUTH)
     assert r.status_code == 201 and r.json()["added"] == 1
     # Re-adding: refused as a whole (409), or skipped on request.
     before = state(mem)
-    r = client.post("/records", files=files, data={"label": "my-frog"}, headers=AUTH)
+    r = client.post("/records", files=files, params={"label": "my-frog"}, headers=AUTH)
     assert r.status_code == 409 and "already" in r.json()["detail"]
     assert state(mem) == before
     r = client.post("/records", files=files[:1] + [("files", ("n.jpg", val_image(cifar_root, "frog", 9), "image/jpeg"))],
-                    data={"label": "my-frog", "skip_existing": "true"}, headers=AUTH)
+                    params={"label": "my-frog", "skip_existing": "true"}, headers=AUTH)
     assert r.status_code == 201 and r.json()["added"] == 1 and r.json()["skipped"] == [out["ids"][0]]
 
 
@@ -235,23 +234,21 @@ def test_add_bad_inputs_change_nothing(client, mem, cifar_root):
     good = ("files", ("g.jpg", val_image(cifar_root, "cat", 7), "image/jpeg"))
     before = state(mem)
     cases = [
-        ({"files": [good, ("files", ("x.txt", b"text", "text/plain"))], "data": {"label": "cat"}}, 415),
-        ({"files": [good, ("files", ("bad.jpg", b"\xff\xd8\xff garbage", "image/jpeg"))], "data": {"label": "cat"}}, 415),
-        ({"files": [good], "data": {}}, 400),  # no label
-        ({"files": [good], "data": {"label": "cat", "labels": ["cat"]}}, 400),
-        ({"files": [good], "data": {"labels": ["cat", "dog"]}}, 400),
-        ({"files": [good], "data": {"label": "   "}}, 400),
-        ({"data": {"label": "cat"}}, 422),  # no files
+        ({"files": [good, ("files", ("x.txt", b"text", "text/plain"))], "params": {"label": "cat"}}, 415),
+        ({"files": [good, ("files", ("bad.jpg", b"\xff\xd8\xff garbage", "image/jpeg"))], "params": {"label": "cat"}}, 415),
+        ({"files": [good], "params": {}}, 422),  # no label
+        ({"files": [good], "params": {"label": "   "}}, 422),
+        ({"params": {"label": "cat"}}, 422),  # no files
     ]
     for kw, status in cases:
         r = client.post("/records", headers=AUTH, **kw)
-        assert r.status_code == status, (kw.get("data"), r.text)
+        assert r.status_code == status, (kw.get("params"), r.text)
         assert r.json()["detail"]
     from visual_memory.server import create_app
 
-    with TestClient(create_app(mem, token=TOKEN, max_files=2)) as c:
-        r = c.post("/records", files=[good] * 3, data={"label": "cat"}, headers=AUTH)
-        assert r.status_code == 413 and "limit is 2" in r.json()["detail"]
+    with local_client(create_app(mem, token=TOKEN, max_files=2)) as c:
+        r = c.post("/records", files=[good] * 3, params={"label": "cat"}, headers=AUTH)
+        assert r.status_code == 422 and "at most 2" in r.json()["detail"]
     assert state(mem) == before
 
 
@@ -317,7 +314,7 @@ def test_vectors_only_memory_refuses_uploads_clearly(tmp_path, cifar_root):
 
     m = vm.create(tmp_path / "v", encoder=None, dim=4)
     m.add_embeddings(np.eye(4), ["a", "b", "c", "d"], ids=list("abcd"))
-    with TestClient(create_app(m, token=TOKEN)) as c:
+    with local_client(create_app(m, token=TOKEN)) as c:
         r = c.post("/classify", files={"file": jpeg(val_image(cifar_root, "cat"))})
         assert r.status_code == 400 and "without an encoder" in r.json()["detail"]
         assert c.get("/records").json()["total"] == 4
@@ -327,7 +324,7 @@ def test_picks_up_commits_from_other_processes(mem, unit_vectors):
     import visual_memory as vm
     from visual_memory.server import create_app
 
-    with TestClient(create_app(mem, token=TOKEN, refresh_every=0.0)) as c:
+    with local_client(create_app(mem, token=TOKEN, refresh_every=0.0)) as c:
         assert c.get("/healthz").json()["records"] == 240
         other = vm.open(mem.path)  # a second writer, e.g. `vismem add` while the server runs
         v = other.add_embeddings(unit_vectors(1, mem.dim, seed=3), ["late"], ids=["late-1"]).version

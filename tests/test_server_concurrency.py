@@ -108,7 +108,7 @@ def test_classify_during_adds_removes_and_relabels(base_memory, tmp_path, encode
             with httpx.Client(base_url=srv.url, timeout=60, headers=AUTH) as c:
                 try:
                     for i, img in enumerate(adds):
-                        r = c.post("/records", files={"files": (f"b{i}.jpg", img, "image/jpeg")}, data={"label": "probe"})
+                        r = c.post("/records", files={"files": (f"b{i}.jpg", img, "image/jpeg")}, params={"label": "probe"})
                         assert r.status_code == 201, r.text
                         added.append(r.json()["ids"][0])
                         if i % 2:

@@ -28,6 +28,10 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".t
 # either a decompression bomb or not something a classifier should decode.
 MAX_PIXELS = int(os.environ.get("VISMEM_MAX_PIXELS", 89_478_485))
 MAX_BYTES = int(os.environ.get("VISMEM_MAX_IMAGE_BYTES", 64 * 1024 * 1024))
+# Long side / short side. An encoder scales the *short* side up to its input
+# size and keeps the aspect, so a 100000x1 strip (370 bytes as a PNG) becomes a
+# 22,400,000x224 intermediate (15 GB). Wide phone panoramas are ~10:1.
+MAX_ASPECT_RATIO = float(os.environ.get("VISMEM_MAX_ASPECT_RATIO", 50))
 
 
 @dataclass(frozen=True)
@@ -88,6 +92,46 @@ def _to_rgb(img: Image.Image, name: str) -> Image.Image:
         raise ImageError(f"{name}: cannot convert image mode {img.mode!r} to RGB ({exc})") from exc
 
 
+def check_size(width: int, height: int, name: str) -> None:
+    """Refuse dimensions no image this library decodes may have.
+
+    Called on the header's size, before any pixel is decoded.
+
+    Parameters
+    ----------
+    width, height : int
+        Pixels.
+    name : str
+        What to call the image in the error (a path, ``<123 bytes>``, ...).
+
+    Raises
+    ------
+    ImageError
+        Zero width or height; more than `MAX_PIXELS` pixels
+        (``$VISMEM_MAX_PIXELS``); an aspect ratio (long side / short side) above
+        `MAX_ASPECT_RATIO` (``$VISMEM_MAX_ASPECT_RATIO``).
+
+    >>> check_size(640, 480, "a.jpg")
+    >>> check_size(4000, 1, "strip.png")
+    Traceback (most recent call last):
+    ...
+    visual_memory.errors.ImageError: strip.png: 4000x1 has an aspect ratio of 4000:1, above the limit of 50:1 (VISMEM_MAX_ASPECT_RATIO)
+    """
+    if width <= 0 or height <= 0:
+        raise ImageError(f"{name}: image has zero width or height")
+    if width * height > MAX_PIXELS:
+        raise ImageError(
+            f"{name}: {width}x{height} = {width * height} pixels exceeds the {MAX_PIXELS}-pixel limit "
+            "(possible decompression bomb; raise VISMEM_MAX_PIXELS if the image is genuine)"
+        )
+    ratio = max(width, height) / min(width, height)
+    if ratio > MAX_ASPECT_RATIO:
+        raise ImageError(
+            f"{name}: {width}x{height} has an aspect ratio of {ratio:g}:1, above the limit of "
+            f"{MAX_ASPECT_RATIO:g}:1 (VISMEM_MAX_ASPECT_RATIO)"
+        )
+
+
 def _decode_bytes(data: bytes, name: str) -> Image.Image:
     if len(data) == 0:
         raise ImageError(f"{name}: file is empty (0 bytes), not an image")
@@ -98,12 +142,7 @@ def _decode_bytes(data: bytes, name: str) -> Image.Image:
             # PIL only *warns* between MAX_PIXELS and 2x; we want a hard stop.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
-            w, h = img.size
-            if w * h > MAX_PIXELS:
-                raise ImageError(
-                    f"{name}: {w}x{h} = {w * h} pixels exceeds the {MAX_PIXELS}-pixel limit "
-                    "(possible decompression bomb; raise VISMEM_MAX_PIXELS if the image is genuine)"
-                )
+            check_size(*img.size, name)  # from the header: nothing decoded yet
             img.load()  # force a full decode so truncation surfaces here, not later
             img = ImageOps.exif_transpose(img)
     except ImageError:
@@ -114,8 +153,7 @@ def _decode_bytes(data: bytes, name: str) -> Image.Image:
         raise ImageError(f"{name}: not a recognised image format (is it really an image?)") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"{name}: corrupt or truncated image ({exc})") from exc
-    if img.size[0] == 0 or img.size[1] == 0:
-        raise ImageError(f"{name}: image has zero width or height")
+    check_size(*img.size, name)  # EXIF rotation swaps the sides, nothing more
     return img
 
 
@@ -153,11 +191,7 @@ def load_image(item: ImageLike) -> LoadedImage:
         img = _decode_bytes(data, name)
         return LoadedImage(_to_rgb(img, name), hashlib.sha256(data).hexdigest(), name)
     if isinstance(item, Image.Image):
-        w, h = item.size
-        if w * h > MAX_PIXELS:
-            raise ImageError(f"{name}: {w * h} pixels exceeds the {MAX_PIXELS}-pixel limit")
-        if w == 0 or h == 0:
-            raise ImageError(f"{name}: image has zero width or height")
+        check_size(*item.size, name)
         rgb = _to_rgb(item, name)
         return LoadedImage(rgb, hashlib.sha256(rgb.tobytes()).hexdigest(), name)
     if isinstance(item, np.ndarray):
@@ -166,10 +200,7 @@ def load_image(item: ImageLike) -> LoadedImage:
             arr = arr[:, :, 0]
         if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)):
             raise ImageError(f"{name}: expected an array of shape (H, W), (H, W, 3) or (H, W, 4)")
-        if arr.shape[0] == 0 or arr.shape[1] == 0:
-            raise ImageError(f"{name}: image has zero width or height")
-        if arr.shape[0] * arr.shape[1] > MAX_PIXELS:
-            raise ImageError(f"{name}: too many pixels (limit {MAX_PIXELS})")
+        check_size(arr.shape[1], arr.shape[0], name)
         if arr.dtype != np.uint8:
             if np.issubdtype(arr.dtype, np.floating) and np.isfinite(arr).all() and arr.min() >= 0 and arr.max() <= 1:
                 arr = (arr * 255.0 + 0.5).astype(np.uint8)

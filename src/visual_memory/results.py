@@ -2,10 +2,32 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import numpy as np
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` as standard JSON values: numpy scalars as Python numbers, NaN and +-inf as None.
+
+    JSON has no NaN or Infinity (``json.dumps`` writes ``Infinity``, which
+    strict parsers refuse); a score that is undefined, such as the OOD score of
+    a query in an empty memory, is ``null``.
+
+    >>> json_safe({"ood_score": float("inf"), "k": np.int64(3), "s": [np.float32(0.5), float("nan")]})
+    {'ood_score': None, 'k': 3, 's': [0.5, None]}
+    """
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
 
 
 @dataclass(frozen=True)
@@ -70,7 +92,8 @@ class Prediction:
     Confidence and novelty (`visual_memory.scores` has the formulas):
     ``confidence`` (vote share of the winner), ``plurality_count``,
     ``agreement`` (1 - normalised label entropy) and ``ood_score`` (mean
-    cosine distance to the k neighbours; higher = more novel).
+    cosine distance to the k neighbours; higher = more novel; ``inf`` with no
+    neighbour, ``None`` in `to_dict`, which is standard JSON).
     """
 
     __slots__ = ("label", "scores", "k", "vote", "version", "winner", "abstained", "n_classes", "rerank",
@@ -139,7 +162,7 @@ class Prediction:
             "confidence": self.confidence,
             "plurality_count": self.plurality_count,
             "agreement": self.agreement,
-            "ood_score": self.ood_score,
+            "ood_score": json_safe(self.ood_score),
             "scores": self.scores,
             "k": self.k,
             "vote": self.vote,

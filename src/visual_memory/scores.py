@@ -96,7 +96,7 @@ def label_agreement(codes: np.ndarray, n_labels: int | None = None) -> np.ndarra
     with np.errstate(divide="ignore", invalid="ignore"):
         h = -np.where(p > 0, p * np.log(p), 0.0).sum(axis=1)
     n_lab = counts.shape[1] if n_labels is None else int(n_labels)
-    hmax = np.log(np.minimum(present, max(n_lab, 1)).astype(np.float64))
+    hmax = np.log(np.clip(present, 1, max(n_lab, 1)).astype(np.float64))  # no neighbour: log(1) = 0, agreement 1
     return np.where(hmax > 0, 1.0 - h / np.where(hmax > 0, hmax, 1.0), 1.0)
 
 

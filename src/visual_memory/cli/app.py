@@ -32,6 +32,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..errors import VisualMemoryError
+from ..results import json_safe
 
 app = typer.Typer(
     name="vismem",
@@ -178,7 +179,8 @@ def print_table(table: Table) -> None:
 
 
 def print_json(obj: Any) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+    """Standard JSON on stdout (undefined scores as null, never NaN/Infinity)."""
+    sys.stdout.write(json.dumps(json_safe(obj), indent=2, default=str, allow_nan=False) + "\n")
 
 
 # typer's own exits and usage errors (bad values: exit 2 with usage) pass through. Which classes

@@ -43,8 +43,20 @@ def serve(
     rerank_timeout: float = rr.TIMEOUT,
     rerank_concurrency: int = rr.CONCURRENCY,
     rerank_price: Optional[str] = rr.PRICE,
+    allow_host: list[str] = typer.Option(
+        [], "--allow-host", help="A host name clients may reach the server by, besides localhost and IP addresses "
+        "(repeatable; *.example.com for sub-domains; * for any, e.g. behind a proxy that checks it)."
+    ),
+    allow_origin: list[str] = typer.Option(
+        [], "--allow-origin", help="A browser origin allowed to call the API besides the UI's own "
+        "(repeatable), e.g. https://vm.example.com when a TLS proxy serves the UI."
+    ),
 ) -> None:
-    """Serve the HTTP API (docs at /docs) and the web UI (at /) for one memory."""
+    """Serve the HTTP API (docs at /docs) and the web UI (at /) for one memory.
+
+    The server answers only to Host names it serves (localhost, IP addresses, --host, --allow-host:
+    no DNS rebinding) and only to browser pages of its own origin (or --allow-origin).
+    """
     import secrets
 
     import uvicorn
@@ -55,7 +67,8 @@ def serve(
     protect_reads = not _is_loopback(host) and not open_reads
     reranker = rr.build_reranker(rerank, rerank_model, n=rerank_n, labels_only=rerank_labels_only, timeout=rerank_timeout,
                                  concurrency=rerank_concurrency, price=rerank_price)
-    application = create_app(memory, token=token, protect_reads=protect_reads, reranker=reranker)
+    application = create_app(memory, token=token, protect_reads=protect_reads, reranker=reranker,
+                             allowed_hosts=[host, *allow_host], allowed_origins=allow_origin)
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     say(f"serving {memory} at http://{shown}:{port}/  (API docs: /docs)")
     say(f"edit token: {token}")

@@ -22,12 +22,17 @@ from typing import Callable, Iterator, Optional, Sequence
 import numpy as np
 from PIL import Image
 
+from ..errors import ImageError
 from ..images import ImageLike, LoadedImage, as_list, load_image
 from ..progress import progress_bar
 
 log = logging.getLogger(__name__)
 
 _RESIZE_MODES = ("shorter", "squash")
+# The largest image `Preprocess.resize_crop` may build before its crop (4096^2
+# pixels, 48 MiB as RGB). Any image within `images.MAX_ASPECT_RATIO` stays under it
+# for every input size up to ~580; the bound stops the rest before PIL allocates.
+MAX_RESIZED_PIXELS = int(os.environ.get("VISMEM_MAX_RESIZED_PIXELS", 4096 * 4096))
 _INTERPOLATION = {
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,
@@ -118,9 +123,18 @@ class Preprocess:
             left, top = int(round((nw - s) / 2.0)), int(round((nh - s) / 2.0))
         return (nw, nh), (left, top, left + s, top + s)
 
-    def resize_crop(self, img: Image.Image) -> Image.Image:
-        """RGB PIL image -> resized and cropped RGB PIL image (input_size square)."""
+    def resize_crop(self, img: Image.Image, *, name: str = "image") -> Image.Image:
+        """RGB PIL image -> resized and cropped RGB PIL image (input_size square).
+
+        Raises `ImageError` (naming ``name``) when the resized image, before
+        the crop, would exceed `MAX_RESIZED_PIXELS` (``$VISMEM_MAX_RESIZED_PIXELS``).
+        """
         (nw, nh), box = self.geometry(*img.size)
+        if nw * nh > MAX_RESIZED_PIXELS:
+            raise ImageError(
+                f"{name}: {img.size[0]}x{img.size[1]} would be resized to {nw}x{nh} = {nw * nh} pixels before the "
+                f"{self.input_size}x{self.input_size} crop, above the limit of {MAX_RESIZED_PIXELS} (VISMEM_MAX_RESIZED_PIXELS)"
+            )
         if (nw, nh) != img.size:
             img = img.resize((nw, nh), _INTERPOLATION[self.interpolation], reducing_gap=None)
         if box != (0, 0, nw, nh):
@@ -150,9 +164,9 @@ class Preprocess:
         shift = (-np.asarray(self.mean, dtype=np.float64) * 255.0 / std).astype(np.float32)[:, None, None]
         return scale, shift
 
-    def __call__(self, img: Image.Image, out: Optional[np.ndarray] = None) -> np.ndarray:
+    def __call__(self, img: Image.Image, out: Optional[np.ndarray] = None, *, name: str = "image") -> np.ndarray:
         """RGB PIL image -> float32 array of shape (3, input_size, input_size)."""
-        return self.normalize(self.resize_crop(img), out)
+        return self.normalize(self.resize_crop(img, name=name), out)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -258,7 +272,7 @@ class Encoder:
 
     def _load_into(self, item: ImageLike, out: np.ndarray) -> LoadedImage:
         loaded = load_image(item)
-        self.spec.preprocess(loaded.image, out)
+        self.spec.preprocess(loaded.image, out, name=loaded.name)
         return loaded
 
     def iter_batches(

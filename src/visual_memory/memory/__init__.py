@@ -690,7 +690,8 @@ class Memory:
         ids : str or sequence of str
             Records to reweight; all must exist.
         weight : float or sequence of float
-            One weight for all, or one per id; finite and >= 0. A record's
+            One weight for all, or one per id: 0, or between float32's smallest
+            normal number (~1.18e-38) and its largest (~3.40e38). A record's
             neighbour contribution is multiplied by it: 0 means the record
             never votes but is still retrieved and inspectable, 1 is the default.
 

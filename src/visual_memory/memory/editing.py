@@ -20,7 +20,6 @@ with no records is a `SelectorError` (a typo, most likely); a ``source`` or
 from __future__ import annotations
 
 import logging
-import math
 import re
 from datetime import timedelta
 from typing import Any, Optional, Sequence, Union
@@ -261,9 +260,13 @@ def parse_weights(ids: IdsLike, weight) -> tuple[list[str], np.ndarray]:
         w = np.asarray(list(weight), dtype=np.float64)
         if len(w) != len(raw):
             raise ValueError(f"got {len(raw)} ids but {len(w)} weights (give one weight, or one per id)")
-    bad = [(i, x) for i, x in zip(raw, w.tolist()) if not math.isfinite(x) or x < 0]
+    # Weights are stored as float32: a nonzero weight below its smallest normal number would be
+    # kept imprecisely or as 0, one above its largest as inf.
+    f32 = np.finfo(np.float32)
+    bad = [(i, x) for i, x in zip(raw, w.tolist()) if not (x == 0 or float(f32.tiny) <= x <= float(f32.max))]
     if bad:
-        raise ValueError(f"weights must be finite and >= 0; got {bad[0][1]!r} for id {bad[0][0]!r}"
+        raise ValueError(f"weights must be finite and >= 0: 0, or between {float(f32.tiny):.9g} and {float(f32.max):.9g} "
+                         f"(stored as float32); got {bad[0][1]!r} for id {bad[0][0]!r}"
                          + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
     per_id: dict[str, float] = {}
     for rid, x in zip(raw, w.tolist()):

@@ -3,16 +3,25 @@
 Thin: every endpoint validates its input at the edge, then calls one
 `Memory` verb under the service lock and returns that verb's result as JSON.
 
-Safety rules, all enforced here:
+Safety rules, all enforced here or in `guard` / `errors`:
 
-* mutations (add, remove, forget, relabel, reweight) need
-  ``Authorization: Bearer <token>``; the token is fixed when the app is made
-  (random and printed by `vismem serve` if not given);
+* before any body is read (`guard.RequestGuard`): the ``Host`` must be one this
+  server answers to (localhost, an IP literal, or ``allowed_hosts``: no DNS
+  rebinding), a browser request must come from the UI's own origin (or
+  ``allowed_origins``), and a protected route needs ``Authorization: Bearer
+  <token>`` (401 before a byte of an upload is read);
+* mutations (add, remove, forget, relabel, reweight) need the token; it is
+  fixed when the app is made (random and printed by `vismem serve` if not given);
 * reads are open unless ``protect_reads`` (then they need the token too);
-* uploads must declare an ``image/*`` content type and decode as an image
-  (415 otherwise), and stay under the byte and pixel limits (413);
+* every body is bounded while it streams, chunked or not (`guard`: one image
+  plus form overhead for classify/explain, ``max_files`` images for an add,
+  1 MiB for the rest), 413 past it;
+* uploads must be images (a declared non-image content type gets 415, a
+  missing one is sniffed) and stay under the byte, pixel and aspect-ratio
+  limits (413), checked from the header before decoding;
 * clients never name files: images arrive as bytes, records are named by id;
-* every error is JSON ``{"detail": message, "error": kind}`` with a 4xx code.
+* every error is JSON ``{"detail": message, "error": kind}`` with a 4xx code,
+  and every response is standard JSON (an undefined score is ``null``).
 """
 
 from __future__ import annotations
@@ -23,27 +32,26 @@ import logging
 import os
 import secrets
 from pathlib import Path
-from typing import Any, List, Optional, Union
+from typing import Annotated, Any, List, Literal, Optional, Sequence, Union
 from urllib.parse import quote
 
-from fastapi import Depends, File, Form, Query, Request, UploadFile
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+import numpy as np
+from fastapi import Depends, File, Query, Request, Security, UploadFile
+from fastapi.responses import FileResponse, HTMLResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline as FastAPI  # /docs assets served locally, no CDN
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, Field, WithJsonSchema, field_validator
+from starlette.convertors import PathConvertor, register_url_convertor
 
 from .. import memory as vm_memory
-from ..errors import (
-    DuplicateIdError,
-    ImageError,
-    MemoryLockedError,
-    SelectorError,
-    UnknownIdError,
-    VisualMemoryError,
-)
+from ..errors import ImageError
+from ..images import check_size
 from ..memory import Memory
 from ..vote import VOTES
+from . import errors
+from .errors import ApiError, StandardJSONResponse, responses
+from .guard import RequestGuard, token_problem
 from .service import MemoryService
 
 log = logging.getLogger(__name__)
@@ -53,48 +61,65 @@ MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 MAX_UPLOAD_PIXELS = 40_000_000
 MAX_FILES = 64
 MAX_K = 1000
+MAX_OFFSET = 2**63 - 1  # Lance pages with int64 offsets
+MAX_JSON_BYTES = 1024 * 1024  # every body but uploads (an edit of ~10,000 ids fits)
+FORM_OVERHEAD = 64 * 1024  # multipart boundaries, part headers and the text fields of an upload
+# An uploaded image as the schema describes it. `format: binary` (OpenAPI 3.0's spelling, beside 3.1's
+# contentMediaType) tells clients and fuzzers to send a file part.
+IMAGE_SCHEMA = {
+    "type": "string", "format": "binary", "contentMediaType": "application/octet-stream",
+    "description": "An image (JPEG, PNG, GIF, WebP, BMP, TIFF, ...: what Pillow decodes). A part that declares a "
+    "Content-Type must declare image/* (or application/octet-stream); one without is judged by its bytes.",
+}
+ImageFile = Annotated[UploadFile, WithJsonSchema(IMAGE_SCHEMA)]
 
 
-class ApiError(Exception):
-    """An error with an HTTP status, raised by the edge checks."""
+def _query_bool(value: Any) -> Any:
+    # true/false/1/0 in any case, as a boolean reads in a query string; pydantic would also take
+    # "yes", "on", "t", ...: values the schema calls invalid.
+    if isinstance(value, str) and value.lower() not in ("true", "false", "1", "0"):
+        raise ValueError(f"must be true or false, got {value!r}")
+    return value
 
-    def __init__(self, status: int, message: str, kind: str = "bad_request") -> None:
-        super().__init__(message)
-        self.status, self.message, self.kind = status, message, kind
 
+QueryBool = Annotated[bool, BeforeValidator(_query_bool)]
+# A label holds a character that Python's str.strip() keeps (`Memory` refuses blank labels). Spelled
+# out because JSON Schema's \S (Unicode White_Space) keeps \x1c-\x1f, which Python strips.
+NON_BLANK = "[^\\t\\n\\x0b\\x0c\\r\\x1c-\\x1f \\x85\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000]"
+# Weights are stored as float32: 0, or a normal float32 (a larger one would be inf, a smaller one
+# would lose its precision or become 0). `Memory.reweight` applies the same rule.
+_F32 = np.finfo(np.float32)
+MIN_WEIGHT, MAX_WEIGHT = float(_F32.tiny), float(_F32.max)
 
-# Library errors -> HTTP status. Order matters: the first matching class wins.
-_STATUS = [
-    (UnknownIdError, 404),
-    (DuplicateIdError, 409),
-    (MemoryLockedError, 503),
-    (SelectorError, 400),
-    (ImageError, 400),
-    (VisualMemoryError, 400),
-    (ValueError, 400),
-]
+Vote = Literal[VOTES]  # type: ignore[valid-type]
+NonEmpty = Annotated[str, Field(min_length=1)]
 
 
 # -- request bodies -----------------------------------------------------------------
 
 
 class IdsBody(BaseModel):
-    ids: List[str] = Field(..., min_length=1, description="Record ids (at least one).")
-
-    @field_validator("ids")
-    @classmethod
-    def _nonempty(cls, v: list[str]) -> list[str]:
-        if any(not i for i in v):
-            raise ValueError("ids must be non-empty strings")
-        return v
+    ids: List[NonEmpty] = Field(..., min_length=1, description="Record ids (at least one; none empty).")
 
 
 class RelabelBody(IdsBody):
-    label: str = Field(..., min_length=1, description="The new label.")
+    label: str = Field(..., pattern=NON_BLANK, description="The new label (not blank).")
 
 
 class ReweightBody(IdsBody):
-    weight: float = Field(..., ge=0, allow_inf_nan=False, description="New vote weight (>= 0; 0 = never votes).")
+    weight: float = Field(
+        ..., strict=True, ge=0, le=MAX_WEIGHT, allow_inf_nan=False,
+        json_schema_extra={"anyOf": [{"const": 0}, {"minimum": MIN_WEIGHT, "maximum": MAX_WEIGHT}]},
+        description=f"New vote weight: 0 (never votes, still retrieved), or between {MIN_WEIGHT:.9g} and {MAX_WEIGHT:.9g} "
+        "(stored as float32).",
+    )
+
+    @field_validator("weight")
+    @classmethod
+    def _representable(cls, w: float) -> float:
+        if 0 < w < MIN_WEIGHT:
+            raise ValueError(f"a nonzero weight must be at least {MIN_WEIGHT:.9g} (float32 would store it imprecisely or as 0)")
+        return w
 
 
 # -- helpers ------------------------------------------------------------------------
@@ -113,11 +138,15 @@ def thumbnail_url(record_id: str) -> str:
 
 
 def _read_image_upload(upload: UploadFile, *, max_bytes: int, max_pixels: int) -> bytes:
-    """The bytes of one uploaded image, or an ApiError (415 / 413 / 400)."""
+    """The bytes of one uploaded image, or an ApiError (415 / 413 / 400).
+
+    A part that declares a non-image content type is refused; one that declares
+    none (or ``application/octet-stream``) is judged by its bytes.
+    """
     name = upload.filename or "upload"
     ctype = (upload.content_type or "").split(";")[0].strip().lower()
-    if not ctype.startswith("image/"):
-        raise ApiError(415, f"{name}: content type {ctype or 'none'!r} is not an image; upload image/jpeg, image/png, ...", "unsupported_media_type")
+    if ctype and not ctype.startswith("image/") and ctype != "application/octet-stream":
+        raise ApiError(415, f"{name}: content type {ctype!r} is not an image; upload image/jpeg, image/png, ...", "unsupported_media_type")
     data = upload.file.read(max_bytes + 1)
     if len(data) > max_bytes:
         raise ApiError(413, f"{name}: larger than the {max_bytes}-byte upload limit", "too_large")
@@ -129,17 +158,26 @@ def _read_image_upload(upload: UploadFile, *, max_bytes: int, max_pixels: int) -
         with Image.open(io.BytesIO(data)) as img:  # reads the header only
             w, h = img.size
     except UnidentifiedImageError:
-        raise ApiError(415, f"{name}: declared {ctype} but is not a recognised image format", "unsupported_media_type") from None
+        raise ApiError(415, f"{name}: {'declared ' + ctype + ' but ' if ctype else ''}not a recognised image format", "unsupported_media_type") from None
     except Exception as exc:
         raise ApiError(400, f"{name}: unreadable image ({exc})", "bad_image") from None
     if w * h > max_pixels:
         raise ApiError(413, f"{name}: {w}x{h} = {w * h} pixels exceeds the {max_pixels}-pixel limit", "too_many_pixels")
+    try:
+        check_size(w, h, name)  # the aspect ratio bounds what the encoder's resize allocates
+    except ImageError as exc:
+        raise ApiError(413, str(exc), "too_many_pixels") from None
     return data
 
 
-def _check_vote(vote: str) -> None:
-    if vote not in VOTES:
-        raise ApiError(400, f"vote must be one of {sorted(VOTES)}; got {vote!r}")
+class _RecordIdConvertor(PathConvertor):
+    """A record id in a path: any string (ids may hold "/"), except one ending in "/thumbnail",
+    which names the thumbnail route (so GET and DELETE agree on what a path means)."""
+
+    regex = "(?:(?!/thumbnail$).)*"
+
+
+register_url_convertor("record_id", _RecordIdConvertor())
 
 
 # -- the app ------------------------------------------------------------------------
@@ -155,6 +193,8 @@ def create_app(
     max_files: int = MAX_FILES,
     refresh_every: float = 1.0,
     reranker=None,
+    allowed_hosts: Sequence[str] = (),
+    allowed_origins: Sequence[str] = (),
 ) -> FastAPI:
     """Build the FastAPI app serving one memory (API + web UI).
 
@@ -178,6 +218,16 @@ def create_app(
     reranker : visual_memory.rerank.VLMReranker, optional
         Enables ``POST /classify?rerank=true``: the model chooses among the
         neighbours' labels; the response gains a ``rerank`` object.
+    allowed_hosts : sequence of str, default ()
+        Host names the server answers to besides ``localhost``, ``*.localhost``
+        and IP literals (which are always allowed): the public name behind a
+        reverse proxy, ``*.example.com`` for sub-domains, ``*`` for any. Any
+        other ``Host`` gets 400 (a DNS-rebinding page names its own host).
+    allowed_origins : sequence of str, default ()
+        Browser origins allowed to call the API besides the served one (which
+        is the UI's), e.g. ``https://vm.example.com`` when a TLS proxy serves
+        the UI; ``*`` for any. Other origins, and ``Origin: null`` (file://
+        pages), get 403.
 
     Returns
     -------
@@ -195,66 +245,31 @@ def create_app(
         description=(
             "An image classifier you can edit like a database. Classify images by their nearest "
             "labelled memories, see why, and correct the memory record by record. Mutating endpoints "
-            "need `Authorization: Bearer <token>`."
+            "need `Authorization: Bearer <token>`. Browser requests must come from this server's own "
+            "page (other origins get 403), and the Host header must name this server (400)."
         ),
+        default_response_class=StandardJSONResponse,
     )
     app.state.token = token
     app.state.service = service
     limits = {"max_bytes": max_upload_bytes, "max_pixels": max_upload_pixels}
-
-    # -- errors --------------------------------------------------------------------
-
-    def _error(status: int, message: str, kind: str, headers: Optional[dict] = None) -> JSONResponse:
-        return JSONResponse({"detail": message, "error": kind}, status_code=status, headers=headers)
-
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, exc: ApiError):
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-        return _error(exc.status, exc.message, exc.kind, headers)
-
-    @app.exception_handler(VisualMemoryError)
-    @app.exception_handler(ValueError)
-    async def _library_error(request: Request, exc: Exception):
-        status = next(s for cls, s in _STATUS if isinstance(exc, cls))
-        headers = {"Retry-After": "1"} if status == 503 else None
-        return _error(status, str(exc), type(exc).__name__, headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, exc: RequestValidationError):
-        parts = []
-        for e in exc.errors():
-            where = ".".join(str(x) for x in e.get("loc", ()) if x != "body") or "body"
-            parts.append(f"{where}: {e.get('msg')}")
-        return JSONResponse(
-            {"detail": "; ".join(parts) or "invalid request", "error": "validation", "errors": [{k: e.get(k) for k in ("loc", "msg", "type")} for e in exc.errors()]},
-            status_code=422,
-        )
-
-    @app.middleware("http")
-    async def _limit_body(request: Request, call_next):
-        # Refuse oversized bodies before the multipart parser spools them to disk.
-        length = request.headers.get("content-length")
-        cap = max_upload_bytes * max_files + 1024 * 1024
-        if length is not None and length.isdigit() and int(length) > cap:
-            return _error(413, f"request body of {length} bytes exceeds the {cap}-byte limit", "too_large")
-        return await call_next(request)
+    one_image_body = max_upload_bytes + FORM_OVERHEAD
+    errors.install(app)
 
     # -- auth ----------------------------------------------------------------------
 
-    def require_token(request: Request) -> None:
-        header = request.headers.get("authorization", "")
-        scheme, _, given = header.partition(" ")
-        if not header:
-            raise ApiError(401, "missing token: send 'Authorization: Bearer <token>' (printed by `vismem serve` at start)", "unauthorized")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(), token.encode()):
-            raise ApiError(401, "bad token", "unauthorized")
+    bearer = HTTPBearer(auto_error=False, scheme_name="token", description="The token `vismem serve` prints at start.")
 
-    def reads(request: Request) -> None:
-        if protect_reads:
-            require_token(request)
+    def require_token(request: Request, _: Optional[HTTPAuthorizationCredentials] = Security(bearer)) -> None:
+        # `RequestGuard` already refused a bad token before the body was read; this keeps the
+        # route safe on its own and puts the security scheme in the schema.
+        why = token_problem(request.headers.get("authorization"), token)
+        if why is not None:
+            raise ApiError(401, why, "unauthorized")
 
-    read_dep = [Depends(reads)]
     write_dep = [Depends(require_token)]
+    read_dep = write_dep if protect_reads else []
+    reads_401 = (401,) if protect_reads else ()
 
     # -- UI ------------------------------------------------------------------------
 
@@ -266,12 +281,13 @@ def create_app(
 
     # -- reads ---------------------------------------------------------------------
 
-    @app.get("/healthz", tags=["status"], summary="Liveness: the memory is open")
+    @app.get("/healthz", tags=["status"], summary="Liveness: the memory is open", responses=responses())
     def healthz() -> dict:
         with service.reading() as m:
             return {"status": "ok", "records": len(m), "version": m.version}
 
-    @app.get("/stats", tags=["status"], summary="Records, labels with counts, encoder, version, size", dependencies=read_dep)
+    @app.get("/stats", tags=["status"], summary="Records, labels with counts, encoder, version, size",
+             dependencies=read_dep, responses=responses(*reads_401))
     def stats() -> dict:
         with service.reading() as m:
             info = m.info()
@@ -285,16 +301,18 @@ def create_app(
         tags=["classify"],
         summary="Classify an uploaded image",
         description="Multipart `file` (an image). Returns `label`, `confidence`, `scores` per label and the k "
-        "`neighbors` (id, label, similarity, rank, weight, contribution, thumbnail_url), plus the memory `version`.",
+        "`neighbors` (id, label, similarity, rank, weight, contribution, thumbnail_url), plus the memory `version`. "
+        "`ood_score` is null when no neighbour was found (an empty memory).",
         dependencies=read_dep,
+        responses=responses(*reads_401, 413, 415, 422),
     )
     def classify(
-        file: UploadFile = File(..., description="The image to classify."),
+        file: UploadFile = File(..., json_schema_extra=IMAGE_SCHEMA),
         k: int = Query(50, ge=1, le=MAX_K, description="Neighbours that vote."),
-        vote: str = Query("rank", description=f"One of {', '.join(VOTES)}."),
-        rerank: bool = Query(False, description="Re-rank with the server's vision-language model (`vismem serve --rerank`)."),
+        vote: Vote = Query("rank", description="How the neighbours vote."),
+        rerank: QueryBool = Query(False, include_in_schema=reranker is not None,  # documented where it works
+                             description="Re-rank with the server's vision-language model (`vismem serve --rerank`)."),
     ) -> dict:
-        _check_vote(vote)
         if rerank and reranker is None:
             raise ApiError(400, "this server has no re-ranker: start it with `vismem serve MEMORY --rerank URL --rerank-model NAME`", "no_reranker")
         data = _read_image_upload(file, **limits)
@@ -325,17 +343,16 @@ def create_app(
         description="Like /classify, plus each neighbour's source and the query thumbnail. `format=html` returns "
         "one self-contained HTML page (inline thumbnails and vote bars).",
         dependencies=read_dep,
-        responses={200: {"content": {"application/json": {}, "text/html": {}}}},
+        responses={200: {"content": {"application/json": {}, "text/html": {}}}, **responses(*reads_401, 413, 415, 422)},
     )
     def explain(
-        file: UploadFile = File(...),
+        file: UploadFile = File(..., json_schema_extra=IMAGE_SCHEMA),
         k: int = Query(10, ge=1, le=MAX_K),
-        vote: str = Query("rank"),
-        format: str = Query("json", pattern="^(json|html)$"),
+        vote: Vote = Query("rank"),
+        format: Literal["json", "html"] = Query("json"),
     ):
         from ..explain import QUERY_THUMBNAIL_SIZE, _jpeg, explain_prediction
 
-        _check_vote(vote)
         data = _read_image_upload(file, **limits)
         vec, loaded = _embed(data, file.filename)
         with service.reading() as m:
@@ -351,10 +368,11 @@ def create_app(
             n["thumbnail_url"] = thumbnail_url(n["id"])
         return out
 
-    @app.get("/records", tags=["records"], summary="Browse records, paged, optionally one label", dependencies=read_dep)
+    @app.get("/records", tags=["records"], summary="Browse records, paged, optionally one label",
+             dependencies=read_dep, responses=responses(*reads_401, 422))
     def list_records(
         label: Optional[str] = Query(None, description="Only records with this label."),
-        offset: int = Query(0, ge=0),
+        offset: int = Query(0, ge=0, le=MAX_OFFSET),
         limit: int = Query(50, ge=1, le=500),
     ) -> dict:
         with service.reading() as m:
@@ -365,13 +383,12 @@ def create_app(
             r["thumbnail_url"] = thumbnail_url(r["id"]) if r.pop("thumbnail") is not None else None
         return {"total": total, "offset": offset, "limit": limit, "version": version, "records": jsonable(rows)}
 
-    # Registered before /records/{id} so that the path converter does not swallow "/thumbnail".
     @app.get(
         "/records/{record_id:path}/thumbnail",
         tags=["records"],
         summary="A record's stored thumbnail (JPEG)",
         response_class=Response,
-        responses={200: {"content": {"image/jpeg": {}}}, 404: {"description": "unknown id, or no thumbnail stored"}},
+        responses={200: {"content": {"image/jpeg": {}}}, **responses(*reads_401, 404, 422)},
         dependencies=read_dep,
     )
     def record_thumbnail(record_id: str) -> Response:
@@ -381,15 +398,17 @@ def create_app(
             raise ApiError(404, f"record {record_id!r} has no stored thumbnail (added as a vector)", "no_thumbnail")
         return Response(rec["thumbnail"], media_type="image/jpeg", headers={"Cache-Control": "no-cache"})
 
-    @app.get("/records/{record_id:path}", tags=["records"], summary="One record by id", dependencies=read_dep)
+    @app.get("/records/{record_id:record_id}", tags=["records"], summary="One record by id",
+             dependencies=read_dep, responses=responses(*reads_401, 404, 422))
     def get_record(record_id: str) -> dict:
         with service.reading() as m:
             (rec,) = m.get([record_id], columns=["id", "label", "source", "weight", "added_at", "metadata", "thumbnail"])
         rec["thumbnail_url"] = thumbnail_url(record_id) if rec.pop("thumbnail") is not None else None
         return jsonable(rec)
 
-    @app.get("/history", tags=["status"], summary="The audit trail, newest first", dependencies=read_dep)
-    def history(offset: int = Query(0, ge=0), limit: int = Query(100, ge=1, le=1000)) -> dict:
+    @app.get("/history", tags=["status"], summary="The audit trail, newest first",
+             dependencies=read_dep, responses=responses(*reads_401, 422))
+    def history(offset: int = Query(0, ge=0, le=MAX_OFFSET), limit: int = Query(100, ge=1, le=1000)) -> dict:
         with service.reading() as m:
             entries = m.history()
         entries.reverse()
@@ -400,41 +419,32 @@ def create_app(
     @app.post(
         "/records",
         tags=["records"],
-        summary="Add one or many labelled images",
-        description=f"Multipart: one or more `files` (images, at most {max_files}) and either one `label` for all or "
-        "one `labels` field per file, in order. Ids are the SHA-256 of each image's bytes. "
+        summary="Add labelled images",
+        description=f"Multipart: one to {max_files} `files` (images); the query names the `label` they all get (to add "
+        "images of several labels, send one request per label). Ids are the SHA-256 of each image's bytes. "
         "`skip_existing=true` skips images already in the memory instead of refusing the whole batch (409).",
         dependencies=write_dep,
         status_code=201,
+        responses=responses(401, 409, 413, 415, 422, 503),
     )
     def add_records(
-        files: List[UploadFile] = File(..., description="Images to add."),
-        label: Optional[str] = Form(None, description="One label for every file."),
-        labels: Optional[List[str]] = Form(None, description="One label per file, in order."),
-        skip_existing: bool = Form(False),
+        files: List[ImageFile] = File(..., min_length=1, max_length=max_files, description="Images to add."),
+        # The text fields are in the query, not the form: a query parameter is text by definition (a
+        # label "7" is the string "7"), which clients and schema checkers agree on; a form part is not.
+        label: str = Query(..., pattern=NON_BLANK, description="The label of every file (not blank)."),
+        skip_existing: QueryBool = Query(False, description="Skip images already in the memory instead of refusing all (409)."),
     ) -> dict:
-        if len(files) > max_files:
-            raise ApiError(413, f"{len(files)} files in one request; the limit is {max_files}", "too_many_files")
-        if (label is None) == (labels is None):
-            raise ApiError(400, "give either `label` (one for all files) or `labels` (one per file), not both or neither")
-        if labels is not None and len(labels) != len(files):
-            raise ApiError(400, f"got {len(files)} files but {len(labels)} labels")
         datas = [_read_image_upload(f, **limits) for f in files]
         names = [os.path.basename(f.filename or "image") for f in files]
         # Embed before taking the write lock, so classify requests keep running meanwhile.
         vectors = service.memory.encoder.embed(datas)
         with service.writing() as m:
-            result = m.add(
-                datas,
-                vectors=vectors,
-                labels=label if label is not None else labels,
-                metadata=[{"filename": n} for n in names],
-                source="upload",
-                skip_existing=skip_existing,
-            )
+            result = m.add(datas, vectors=vectors, labels=label, metadata=[{"filename": n} for n in names],
+                           source="upload", skip_existing=skip_existing)
         return {"version": result.version, "added": result.added, "skipped": result.skipped, "ids": result.ids}
 
-    @app.delete("/records/{record_id:path}", tags=["edit"], summary="Remove one record", dependencies=write_dep)
+    @app.delete("/records/{record_id:record_id}", tags=["edit"], summary="Remove one record",
+                dependencies=write_dep, responses=responses(401, 404, 422, 503))
     def delete_record(record_id: str) -> dict:
         with service.writing() as m:
             return _to_json(m.remove(ids=[record_id]))
@@ -446,21 +456,30 @@ def create_app(
         description="Body `{\"ids\": [...]}`. The records' vectors, thumbnails, sources and metadata are erased from "
         "disk and from the index; the receipt says what was erased, when, and the verification result.",
         dependencies=write_dep,
+        responses=responses(401, 404, 413, 422, 503),
     )
     def forget(body: IdsBody) -> dict:
         with service.writing() as m:
             return _to_json(m.forget(ids=body.ids))
 
-    @app.post("/relabel", tags=["edit"], summary="Give records a new label", dependencies=write_dep)
+    @app.post("/relabel", tags=["edit"], summary="Give records a new label",
+              dependencies=write_dep, responses=responses(401, 404, 413, 422, 503))
     def relabel(body: RelabelBody) -> dict:
         with service.writing() as m:
             return _to_json(m.relabel(body.ids, body.label))
 
-    @app.post("/reweight", tags=["edit"], summary="Set records' vote weight (0 = never votes)", dependencies=write_dep)
+    @app.post("/reweight", tags=["edit"], summary="Set records' vote weight (0 = never votes)",
+              dependencies=write_dep, responses=responses(401, 404, 413, 422, 503))
     def reweight(body: ReweightBody) -> dict:
         with service.writing() as m:
             return _to_json(m.reweight(body.ids, body.weight))
 
+    routes = {getattr(r, "endpoint", None): r for r in app.router.routes}
+    protected = [r for r in app.router.routes if any(d.dependency is require_token for d in getattr(r, "dependencies", ()))]
+    body_limits = [(routes[classify], one_image_body), (routes[explain], one_image_body),
+                   (routes[add_records], max_files * max_upload_bytes + FORM_OVERHEAD)]
+    app.add_middleware(RequestGuard, token=token, protected=protected, body_limits=body_limits, max_body=MAX_JSON_BYTES,
+                       allowed_hosts=allowed_hosts, allowed_origins=allowed_origins)
     return app
 
 

@@ -190,11 +190,10 @@ function updateAddButton() {
 $("#add-go").addEventListener("click", async () => {
   const fd = new FormData();
   for (const f of toAdd) fd.append("files", f);
-  fd.append("label", $("#add-label").value.trim());
-  fd.append("skip_existing", "true");
+  const q = new URLSearchParams({ label: $("#add-label").value.trim(), skip_existing: "true" });
   $("#add-status").textContent = `adding ${toAdd.length} image(s)…`;
   try {
-    const r = await api("POST", "/records", fd);
+    const r = await api("POST", "/records?" + q, fd);
     $("#add-status").textContent = `added ${r.added} as “${$("#add-label").value.trim()}”` + (r.skipped.length ? `, ${r.skipped.length} already present` : "") + ` · memory version ${r.version}`;
     toAdd = [];
     $("#add-preview").replaceChildren();
