@@ -147,7 +147,7 @@ def contributions(
         top = z.max(axis=1, keepdims=True)
         w = np.exp(z - np.where(np.isfinite(top), top, 0.0))
     else:
-        w = 1.0 / (p["alpha"] + (np.cumsum(votes, axis=1) - 1))  # rank among the voters
+        w = 1.0 / (p["alpha"] + np.maximum(np.cumsum(votes, axis=1) - 1, 0))  # rank among the voters
     return np.where(votes, w * rw, 0.0)
 
 
