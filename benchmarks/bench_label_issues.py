@@ -47,7 +47,7 @@ from visual_memory import vote as voting  # noqa: E402
 from visual_memory.cache import embed_folder  # noqa: E402
 from visual_memory.encoders import create_encoder  # noqa: E402
 from visual_memory.prune import exact_self_neighbors, neighbor_counts  # noqa: E402
-from visual_memory.sysinfo import cpu_line, cpu_summary  # noqa: E402
+from visual_memory import cpu  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "label_issues.json"
 KS = (5, 10, 20, 50, 100, 200)
@@ -120,7 +120,7 @@ def main() -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
     levels = [float(p) for p in args.noise.split(",")]
     root = Path(os.environ.get("VISMEM_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "cifar10"
-    print(cpu_line())
+    print("CPU:", cpu.summary())
     enc = create_encoder("efficientnet-lite0")
     t = time.perf_counter()
     x_all, y_all, _ = embed_folder(enc, root / "train", progress="embedding cifar10/train")
@@ -149,7 +149,7 @@ def main() -> None:
                       f"(self-neighbours {t_nb:.1f}s)", flush=True)
     table = summarize(rows, sizes, levels)
     args.out.parent.mkdir(exist_ok=True)
-    args.out.write_text(json.dumps({"cpu": cpu_summary(), "encoder": "efficientnet-lite0", "tau": TAU, "ks": KS,
+    args.out.write_text(json.dumps({"cpu": cpu.summary(), "cpu_features": cpu.features(), "encoder": "efficientnet-lite0", "tau": TAU, "ks": KS,
                                     "seeds": args.seeds, "noise": levels, "summary": table, "rows": rows}, indent=1))
     print(f"wrote {args.out}")
 

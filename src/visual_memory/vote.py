@@ -185,30 +185,27 @@ def _walk(codes: np.ndarray, weights: np.ndarray, n_labels: int, ks: Sequence[in
     reach = np.full(n * L, K, dtype=np.int64) if reached else None
     best = np.full(n, -np.inf)
     pred = codes[:, 0].copy() if K else np.full(n, -1, dtype=np.int64)  # before the first voter: the nearest's label
-    rows = np.arange(n, dtype=np.int64)
-    base = rows * L
+    base = np.arange(n, dtype=np.int64) * L
     at: dict[int, list[int]] = {}
     for i, k in enumerate(ks):
         at.setdefault(int(k), []).append(i)
+    # One position per step, contiguous; a neighbour that does not vote adds 0 to its row's label 0
+    # (each row appears once per step, so the gather-add-scatter below has no repeated index).
+    codes_t = np.ascontiguousarray(codes.T)
+    weights_t = np.ascontiguousarray(weights.T)
     for r in range(max(ks, default=0)):
-        c, w = codes[:, r], weights[:, r]
+        c, w = codes_t[r], weights_t[r]
         v = (c >= 0) & (w > 0)
-        if v.all():  # the common case: every query has a voter here
-            q, cv, wv = rows, c, w
-        else:
-            q = np.flatnonzero(v)
-            cv, wv = c[q], w[q]
-        idx = base[q] + cv
+        idx = base + np.where(v, c, 0)
         old = totals[idx]
-        new = old + wv
+        new = old + np.where(v, w, 0.0)
         totals[idx] = new
         if reached:
             grew = new > old  # a weight too small to change the float total does not move `reached`
             reach[idx[grew]] = r
-        up = new > best[q]  # strictly greater: on a tie the label that got there first stays
-        qu = q[up]
-        best[qu] = new[up]
-        pred[qu] = cv[up]
+        up = v & (new > best)  # strictly greater: on a tie the label that got there first stays
+        best = np.where(up, new, best)
+        pred = np.where(up, c, pred)
         for i in at.get(r + 1, ()):
             out[:, i] = pred
     totals = totals.reshape(n, L)
