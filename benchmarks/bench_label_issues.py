@@ -149,9 +149,16 @@ def main() -> None:
                       f"(self-neighbours {t_nb:.1f}s)", flush=True)
     table = summarize(rows, sizes, levels)
     args.out.parent.mkdir(exist_ok=True)
-    args.out.write_text(json.dumps({"cpu": cpu.summary(), "cpu_features": cpu.features(), "encoder": "efficientnet-lite0", "tau": TAU, "ks": KS,
-                                    "seeds": args.seeds, "noise": levels, "summary": table, "rows": rows}, indent=1))
+    meta = {"cpu": cpu.summary(), "cpu_features": cpu.features(), "encoder": "efficientnet-lite0", "tau": TAU, "ks": KS,
+            "seeds": args.seeds, "noise": levels, "summary": table}
+    args.out.write_text(dump(meta, rows))
     print(f"wrote {args.out}")
+
+
+def dump(meta: dict, rows: list[dict]) -> str:
+    """JSON: the summary indented, one line per measured row."""
+    head = json.dumps(meta, indent=1)[:-2]
+    return head + ',\n "rows": [\n  ' + ',\n  '.join(json.dumps(r) for r in rows) + '\n ]\n}\n'
 
 
 def summarize(rows: list[dict], sizes: list[int], levels: list[float]) -> dict:
