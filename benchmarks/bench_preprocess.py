@@ -42,7 +42,7 @@ def knn_accuracy(mem_x, mem_y, q_x, q_y, k=10):
     code = {l: i for i, l in enumerate(labels)}
     codes = np.array([code[l] for l in mem_y])[rows]
     truth = np.array([code[l] for l in q_y])
-    w = voting.neighbor_weights(top, "rank")
+    w = voting.contributions(top, "rank")
     win = voting.predict_every_k(codes, w, len(labels), ks=[1, k])
     return float((win[:, 0] == truth).mean()), float((win[:, 1] == truth).mean())
 

@@ -6,9 +6,11 @@ import json
 import shutil
 import sys
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from authors_reference import authors_prediction_at_k
 from visual_memory.cli import app
 
 runner = CliRunner()
@@ -40,7 +42,7 @@ def image_folder(tmp_path, cifar_small):
     return root
 
 
-def test_create_add_classify_info_eval(tmp_path, image_folder, cifar_root):
+def test_create_add_classify_info_eval(tmp_path, image_folder, cifar_root, cifar_small):
     mem = tmp_path / "m.vm"
     r = invoke("create", mem)
     assert r.exit_code == 0, r.output
@@ -69,12 +71,35 @@ def test_create_add_classify_info_eval(tmp_path, image_folder, cifar_root):
     assert len(out) == 1 and len(out[0]["neighbors"]) == 5
     assert set(out[0]) >= {"label", "scores", "neighbors", "version"}
 
-    r = invoke("eval", mem, image_folder, "--k", "1,5", "--json", tmp_path / "eval.json")
+    # Held-out queries (val images of the three classes), scored against an independent
+    # reference: brute-force cosine kNN over the stored vectors, then the authors' vote.
+    queries = tmp_path / "queries"
+    qx, qy = [], []
+    for path, label, vec in zip(cifar_small["val_paths"], cifar_small["val_y"], cifar_small["val_x"]):
+        if label in ("cat", "ship", "truck") and path.name != "4500.jpg" and sum(y == label for y in qy) < 4:
+            (queries / label).mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, queries / label / path.name)
+            qx.append(vec)
+            qy.append(label)
+    r = invoke("eval", mem, queries, "--k", "1,5", "--json", tmp_path / "eval.json")
     assert r.exit_code == 0, r.output
     res = json.loads((tmp_path / "eval.json").read_text())
-    assert res["n_queries"] == 18
+    assert res["n_queries"] == 12
     assert set(res["accuracy"]) == {"plurality", "distance", "softmax", "rank"}
-    assert res["accuracy"]["rank"]["1"] == 1.0  # every query is in memory: its own nearest neighbour
+    import visual_memory as vm
+
+    stored = vm.open(mem).get(vm.open(mem).ids(), columns=["id", "label", "vector"])
+    mx = np.array([r["vector"] for r in stored], dtype=np.float64)
+    sims = np.array(qx, dtype=np.float64) @ mx.T
+    for vote in res["accuracy"]:
+        for k in (1, 5):
+            hits = []
+            for i in range(len(qy)):
+                order = sorted(range(len(stored)), key=lambda j: -sims[i, j])[:k]
+                pred = authors_prediction_at_k(vote, [stored[j]["label"] for j in order], [1 - sims[i, j] for j in order],
+                                               [stored[j]["id"] for j in order])[-1]
+                hits.append(pred == qy[i])
+            assert res["accuracy"][vote][str(k)] == pytest.approx(np.mean(hits)), (vote, k)
 
 
 def test_cli_errors_are_one_clear_line(tmp_path):

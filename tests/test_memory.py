@@ -12,7 +12,7 @@ from PIL import Image
 
 import visual_memory as vm
 from visual_memory.errors import DuplicateIdError, UnknownIdError
-from visual_memory.vote import neighbor_weights, tally
+from authors_reference import authors_prediction_at_k
 
 
 @pytest.fixture
@@ -60,28 +60,76 @@ def test_default_embedding_ids_are_sha256_of_the_normalised_float32_vector(memor
     assert res.ids == [hashlib.sha256(np.array([0.6, 0.8], dtype=np.float32).tobytes()).hexdigest()]
 
 
-def test_classify_matches_a_hand_rolled_vote(small_mem, unit_vectors):
+def _brute_force(q, x, k):
+    """Neighbours by a full sort of every similarity (no index), nearest first."""
+    sims = (q.astype(np.float64) @ x.astype(np.float64).T)
+    order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    return order, np.take_along_axis(sims, order, axis=1)
+
+
+def test_classify_matches_the_authors_vote_on_brute_force_neighbours(small_mem, unit_vectors):
     mem, x, labels = small_mem
     q = unit_vectors(7, 8, seed=2)
+    order, top = _brute_force(q, x, 9)
     for vote in vm.VOTES:
         preds = mem.classify(q, k=9, vote=vote)
         assert len(preds) == 7
-        sims = q @ x.T
-        order = np.argsort(-sims, axis=1, kind="stable")[:, :9]
-        top = np.take_along_axis(sims, order, axis=1)
-        codes = np.array([[("cat", "dog", "owl").index(labels[j]) for j in row] for row in order])
-        won, totals = tally(codes, neighbor_weights(top, vote), 3)
         for i, p in enumerate(preds):
-            assert p.label == ("cat", "dog", "owl")[won[i]], (vote, i)
+            classes = [labels[j] for j in order[i]]
+            assert p.label == authors_prediction_at_k(vote, classes, 1 - top[i], [f"r{j:02d}" for j in order[i]])[-1], (vote, i)
             assert p.k == 9 and p.vote == vote and p.version == mem.version
             assert [n.id for n in p.neighbors] == [f"r{j:02d}" for j in order[i]]
             assert [n.rank for n in p.neighbors] == list(range(9))
             np.testing.assert_allclose([n.similarity for n in p.neighbors], top[i], atol=1e-5)
+            # Scores: the sum of a label's contributions, written out per vote (PAPER.md's table).
+            w = {"plurality": np.ones(9), "distance": np.exp(-(1 - top[i])), "rank": 1 / (2 + np.arange(9)),
+                 "softmax": np.exp((top[i] - top[i, 0]) / 0.07)}[vote]
+            want = {lab: sum(wj for wj, c in zip(w, classes) if c == lab) for lab in set(classes)}
+            assert set(p.scores) == set(want)
             for lab, score in p.scores.items():
-                np.testing.assert_allclose(score, totals[i, ("cat", "dog", "owl").index(lab)], rtol=1e-5)
+                assert score == pytest.approx(want[lab], rel=1e-5)
                 assert score == pytest.approx(sum(n.contribution for n in p.neighbors if n.label == lab))
             assert list(p.scores.values()) == sorted(p.scores.values(), reverse=True)
+            assert next(iter(p.scores)) == p.label
             assert all(n.weight == 1.0 for n in p.neighbors)
+
+
+def _line_memory(memory_dir, labels):
+    """Records on a 2-d arc at angles 0.1, 0.2, ...: the query (1, 0) sees them in order."""
+    mem = vm.create(memory_dir, encoder=None, dim=2)
+    ang = 0.1 * (1 + np.arange(len(labels)))
+    mem.add_embeddings(np.stack([np.cos(ang), np.sin(ang)], 1), labels, ids=[f"n{i}" for i in range(len(labels))])
+    return mem, np.array([[1.0, 0.0]])
+
+
+def test_classify_ties_and_scores_follow_the_authors_rule(memory_dir):
+    mem, q = _line_memory(memory_dir, ["A", "B", "B", "A"])
+    (p,) = mem.classify(q, k=4, vote="plurality")
+    # 2-2: B reached 2 at the third neighbour, A only at the fourth; the scores list the winner first.
+    assert p.label == "B" and list(p.scores) == ["B", "A"] and p.scores == {"B": 2.0, "A": 2.0}
+    assert [mem.classify(q, k=k, vote="plurality")[0].label for k in (1, 2, 3, 4)] == ["A", "A", "B", "B"]
+    assert mem.predict_every_k(q, ks=[1, 2, 3, 4], votes=["plurality"])["plurality"].tolist() == [["A", "A", "B", "B"]]
+
+
+def test_weight_zero_records_are_excluded_from_the_vote_and_the_ranks(memory_dir):
+    mem, q = _line_memory(memory_dir, ["D", "C", "D", "D", "C"])
+    mem.reweight(["n0"], 0.0)  # the nearest record: no vote, no rank position
+    (p,) = mem.classify(q, k=5, vote="rank")
+    # voters C 1/2, D 1/3, D 1/4, C 1/5: C .7 vs D .583
+    assert [n.contribution for n in p.neighbors] == pytest.approx([0.0, 1 / 2, 1 / 3, 1 / 4, 1 / 5])
+    assert [n.rank for n in p.neighbors] == [0, 1, 2, 3, 4]  # k counts positions in the retrieved list
+    assert p.label == "C" and p.scores == pytest.approx({"C": 0.7, "D": 7 / 12})
+    every = mem.predict_every_k(q, ks=[1, 2, 3, 4, 5], votes=["rank", "plurality"])
+    assert every["rank"].tolist() == [list("DCCDC")]  # k=1: no voter yet, the nearest's label (the authors' fallback)
+    assert every["plurality"].tolist() == [list("DCCDD")]
+    # Every retrieved neighbour excluded: none is.
+    mem.reweight(["n1", "n2"], 0.0)
+    (p,) = mem.classify(q, k=3, vote="rank")
+    assert [n.contribution for n in p.neighbors] == pytest.approx([1 / 2, 1 / 3, 1 / 4]) and p.label == "D"
+    # A soft weight multiplies and keeps its position.
+    mem.reweight(["n0", "n1", "n2"], [1.0, 0.25, 1.0])
+    (p,) = mem.classify(q, k=3, vote="rank")
+    assert [n.contribution for n in p.neighbors] == pytest.approx([1 / 2, 0.25 / 3, 1 / 4])
 
 
 def test_classify_one_vector_and_self_match(small_mem):
@@ -117,17 +165,21 @@ def test_bad_k_and_vote_are_refused(small_mem):
         mem.classify(x[:1], vote="best")
 
 
-def test_predict_every_k_and_evaluate_agree_with_classify(small_mem, unit_vectors):
-    mem, _, _ = small_mem
+def test_predict_every_k_and_evaluate_match_the_authors_vote(small_mem, unit_vectors):
+    mem, x, labels = small_mem
     q = unit_vectors(20, 8, seed=3)
+    order, top = _brute_force(q, x, 12)
     every = mem.predict_every_k(q, ks=[1, 5, 12])
+    truth = ["cat", "dog", "owl", "owl"] * 5  # arbitrary true labels
+    res = mem.evaluate(q, truth, ks=[1, 5, 12])
+    assert res.n_queries == 20 and set(res.accuracy) == set(vm.VOTES)
     for vote in vm.VOTES:
-        for j, k in enumerate([1, 5, 12]):
-            assert every[vote][:, j].tolist() == [p.label for p in mem.classify(q, k=k, vote=vote)]
-    truth = mem.predict(q, k=5, vote="rank")
-    res = mem.evaluate(q, truth, ks=[1, 5])
-    assert res.n_queries == 20 and res.accuracy["rank"][5] == 1.0
-    assert set(res.accuracy) == set(vm.VOTES)
+        theirs = [authors_prediction_at_k(vote, [labels[j] for j in order[i]], 1 - top[i], [f"r{j:02d}" for j in order[i]])
+                  for i in range(20)]
+        for col, k in enumerate([1, 5, 12]):
+            at_k = [t[k - 1] for t in theirs]
+            assert every[vote][:, col].tolist() == at_k, (vote, k)
+            assert res.accuracy[vote][k] == pytest.approx(np.mean([a == b for a, b in zip(at_k, truth)]))
 
 
 def test_kneighbors(small_mem):

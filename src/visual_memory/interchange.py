@@ -9,8 +9,10 @@ The authors published their retrieval results as one JSON object per query
 `export_neighbors` writes our neighbours that way (a JSON object keyed by
 query id, so their notebooks can ``pd.read_json(..., orient="index")`` it);
 `import_neighbors` reads such a file (that form, a list of objects, or JSON
-Lines) and `evaluate_neighbors` scores the four votes on it, so their
-neighbour files run through our voting and our files through their analysis.
+Lines), `predict_neighbors` runs the four votes on it (optionally with record
+weights: 0 excludes a record, as the authors' exclude sets) and
+`evaluate_neighbors` scores them, so their neighbour files run through our
+voting and our files through their analysis.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -141,12 +143,76 @@ def import_neighbors(path: str | os.PathLike) -> list[dict]:
     return records
 
 
+def _coded(records: Sequence[dict], weights: Optional[Mapping[str, float]]):
+    """Neighbour records as arrays: label codes, codes (n, K), similarities (n, K), record weights (n, K)."""
+    if weights is not None:
+        bad = [i for i, w in weights.items() if isinstance(w, bool) or not isinstance(w, (int, float, np.number))
+               or not (np.isfinite(w) and w >= 0)]
+        if bad:
+            raise VisualMemoryError(f"weights must be finite numbers >= 0 (0 excludes a record); bad for ids {sorted(map(str, bad))[:5]}")
+    K = max((len(r["neighbor_classes"]) for r in records), default=0)
+    coder = LabelCodes.sorted([c for r in records for c in r["neighbor_classes"]],
+                              [r["image_class"] for r in records if r.get("image_class") is not None])
+    n = len(records)
+    codes = np.full((n, K), -1, dtype=np.int64)
+    sims = np.full((n, K), -np.inf)
+    rec_w = np.ones((n, K))
+    for q, r in enumerate(records):
+        m = len(r["neighbor_classes"])
+        codes[q, :m] = coder.encode(r["neighbor_classes"], add=False)
+        sims[q, :m] = 1.0 - np.asarray(r["neighbor_distances"], dtype=np.float64)
+        if weights is not None:
+            rec_w[q, :m] = [weights.get(str(i), 1.0) for i in r["neighbor_image_ids"]]
+    return coder, codes, sims, rec_w
+
+
+def predict_neighbors(records: Sequence[dict], *, ks: Sequence[int] = (1, 10, 50, 100), votes: Sequence[str] = voting.VOTES,
+                      vote_params: Optional[dict[str, dict]] = None,
+                      weights: Optional[Mapping[str, float]] = None) -> dict[str, np.ndarray]:
+    """Predicted class of each query at each k, for each vote (the authors' ``prediction_at_k``).
+
+    Parameters
+    ----------
+    records : sequence of dict
+        Neighbour records (`import_neighbors`), nearest first.
+    ks : sequence of int, default (1, 10, 50, 100)
+        A k larger than a query's neighbour list uses all it has.
+    votes : sequence of str, default all four
+    vote_params : dict vote -> dict, optional
+        E.g. ``{"rank": {"alpha": 4}}``.
+    weights : mapping neighbour image id -> weight >= 0, optional
+        Record weights (default 1). 0 excludes the record, as the authors'
+        ``add_exclude_sets`` (``{i: 0.0 for i in exclude_set}``); a soft weight
+        multiplies the vote, as their ``image_id_to_weight``.
+
+    Returns
+    -------
+    dict vote -> object array of shape (n_queries, len(ks)) of class names
+    (as strings), rows in the order of ``records``.
+    """
+    if not records:
+        raise VisualMemoryError("no queries to predict")
+    coder, codes, sims, rec_w = _coded(records, weights)
+    K = codes.shape[1]
+    if K == 0:
+        raise VisualMemoryError("no query has any neighbour")
+    ks = [min(int(k), K) for k in ks if int(k) >= 1]
+    if not ks:
+        raise ValueError("ks must hold positive integers")
+    out = {}
+    for v in votes:
+        contrib = voting.contributions(sims, v, rec_w, **(vote_params or {}).get(v, {}))
+        out[v] = coder.decode(voting.predict_every_k(codes, contrib, len(coder), ks))
+    return out
+
+
 def evaluate_neighbors(records: Sequence[dict], *, ks: Sequence[int] = (1, 10, 50, 100), votes: Sequence[str] = voting.VOTES,
-                       vote_params: Optional[dict[str, dict]] = None) -> dict:
+                       vote_params: Optional[dict[str, dict]] = None,
+                       weights: Optional[Mapping[str, float]] = None) -> dict:
     """Top-1 accuracy of each vote at each k on neighbour records (ours or the authors').
 
     Queries without ``image_class`` are skipped. A k larger than a query's
-    neighbour list uses all it has.
+    neighbour list uses all it has. ``weights`` as in `predict_neighbors`.
 
     Returns
     -------
@@ -159,17 +225,10 @@ def evaluate_neighbors(records: Sequence[dict], *, ks: Sequence[int] = (1, 10, 5
     ks = sorted({min(int(k), K) for k in ks if int(k) >= 1})
     if not ks:
         raise ValueError("ks must hold positive integers")
-    coder = LabelCodes.sorted([c for r in recs for c in r["neighbor_classes"]], [r["image_class"] for r in recs])
-    n = len(recs)
-    codes = np.full((n, K), -1, dtype=np.int64)
-    sims = np.full((n, K), -np.inf)
-    for q, r in enumerate(recs):
-        m = len(r["neighbor_classes"])
-        codes[q, :m] = coder.encode(r["neighbor_classes"], add=False)
-        sims[q, :m] = 1.0 - np.asarray(r["neighbor_distances"], dtype=np.float64)
+    coder, codes, sims, rec_w = _coded(recs, weights)
     y = coder.encode([r["image_class"] for r in recs], add=False)
     acc = {}
     for v in votes:
-        a = voting.accuracy_every_k(codes, sims, y, len(coder), ks, v, **(vote_params or {}).get(v, {}))
+        a = voting.accuracy_every_k(codes, sims, y, len(coder), ks, v, rec_w, **(vote_params or {}).get(v, {}))
         acc[v] = dict(zip(ks, a.tolist()))
-    return {"n_queries": n, "featurizer": sorted({str(r["featurizer"]) for r in recs}), "accuracy": acc}
+    return {"n_queries": len(recs), "featurizer": sorted({str(r["featurizer"]) for r in recs}), "accuracy": acc}

@@ -36,6 +36,8 @@ class Neighbor:
 
     ``contribution`` = vote weight (from rank/similarity) x ``weight`` (the
     record's own weight); the label's score is the sum of its contributions.
+    ``rank`` is the position in the retrieved list; a weight-0 neighbour
+    contributes 0 and takes no rank in the vote (`visual_memory.vote`).
     """
 
     id: str
@@ -72,7 +74,8 @@ class Prediction:
     label : str or None
         Winning label (None if no neighbour could vote, e.g. an empty memory).
     scores : dict[str, float]
-        Summed contributions per label, highest first.
+        Summed contributions per label, highest first; equal totals in the
+        order they were reached, so the first is the winner (`visual_memory.vote`).
     neighbors : list[Neighbor]
         The k retrieved records, nearest first (built lazily).
     k : int

@@ -44,7 +44,7 @@ def prune(
 @handle_errors
 def label_issues(
     memory: Path = typer.Argument(..., help="Memory directory."),
-    k: int = typer.Option(10, "--k", "-k", min=1, help="Self-neighbours that vote on each record's label."),
+    k: int = typer.Option(100, "--k", "-k", min=1, help="Self-neighbours that vote (softmax) on each record's label."),
     top: int = typer.Option(20, "--top", "-n", min=0, help="Show at most this many."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON (with each record's neighbours)."),
 ) -> None:

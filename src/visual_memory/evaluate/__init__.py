@@ -77,7 +77,7 @@ def report_for_memory(
     -------
     dict: the results (also in ``out_dir/results.json``), with ``paths``.
     """
-    from ..prune import SOFT_K, self_neighbors
+    from ..prune import ISSUE_K, SOFT_K, self_neighbors
 
     t0 = time.perf_counter()
     if isinstance(queries, (str, os.PathLike)):
@@ -98,7 +98,8 @@ def report_for_memory(
     if new_classes:
         note = _add_new_classes(mem, data, new_classes, new_per_class, new_queries_per_class, progress)
     t_sn = time.perf_counter()
-    sn = self_neighbors(mem, k=SOFT_K, progress=progress and "self-neighbours")  # cached in the memory after the first run
+    # soft pruning counts over the top 10, label issues vote with the top 100; cached in the memory after the first run
+    sn = self_neighbors(mem, k=max(SOFT_K, ISSUE_K), progress=progress and "self-neighbours")
     t1 = time.perf_counter()
     results = run_experiments(data, holdout=holdout, self_neighbors=(sn.sims, sn.nbrs), progress=progress, **kwargs)
     results["meta"] = {

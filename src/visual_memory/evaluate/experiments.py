@@ -21,7 +21,7 @@ import numpy as np
 
 from .. import vote as voting
 from ..index import exact_knn as knn
-from ..prune import SOFT_K, exact_self_neighbors, mislabel_scores, neighbor_counts, soft_weights
+from ..prune import ISSUE_K, SOFT_K, exact_self_neighbors, mislabel_scores, neighbor_counts, rank_issues, soft_weights
 from ..rows import LabelCodes
 from ..progress import progress_bar
 from ..scores import auroc, expected_calibration_error, label_agreement, ood_scores, plurality_counts, vote_share
@@ -126,8 +126,10 @@ def run_experiments(
         Classes removed from the memory for the held-out and OOD experiments
         (skipped if absent).
     self_neighbors : (sims, nbrs), optional
-        Precomputed self-neighbours of ``train_x`` (at least 10 columns, e.g.
-        from the memory's cache); computed here otherwise.
+        Precomputed self-neighbours of ``train_x`` (100 columns, or all the
+        others in a smaller memory; e.g. from the memory's cache): soft pruning
+        counts over the first 10, label issues vote with the first 100.
+        Computed here otherwise.
     seed : int, default 0
         Seeds the label noise.
 
@@ -179,7 +181,7 @@ def run_experiments(
 
         # 4. calibration at calib_k (rank vote)
         c_nb, c_s, c_w = nb[:, :calib_k], sims[:, :calib_k], nw[:, :calib_k]
-        winners, totals = voting.tally(c_nb, voting.contributions(c_s, "rank", c_w), L)
+        winners, totals, _ = voting.tally(c_nb, voting.contributions(c_s, "rank", c_w), L)
         correct = winners == vy
         share = vote_share(totals, winners)
         ece, bins = expected_calibration_error(share, correct)
@@ -206,9 +208,9 @@ def run_experiments(
 
         # 7. label noise, with and without soft pruning; label-issue precision
         if self_neighbors is None:
-            sn_sims, sn_nbrs = exact_self_neighbors(tx, SOFT_K, progress=progress and "self-neighbours")
+            sn_sims, sn_nbrs = exact_self_neighbors(tx, max(SOFT_K, ISSUE_K), progress=progress and "self-neighbours")
         else:
-            sn_sims, sn_nbrs = self_neighbors[0][:, :SOFT_K], self_neighbors[1][:, :SOFT_K]
+            sn_sims, sn_nbrs = self_neighbors
         bar.advance()
         out["label_noise"] = _label_noise(ty, vy, L, idx, sims, sn_nbrs, sn_sims, noise_levels, ks, k_ref, seed)
         bar.advance()
@@ -246,7 +248,7 @@ def _scaling(tx, ty, vx, vy, L, sizes, K) -> dict:
 def _vote_acc(nb, s, y, L, k, mask=None, w=None) -> float:
     nb, s = nb[:, :k], s[:, :k]
     contrib = voting.contributions(s, "rank", None if w is None else w[:, :k])
-    winners, _ = voting.tally(nb, contrib, L)
+    winners = voting.tally(nb, contrib, L).winners
     ok = winners == y
     if mask is not None:
         ok = ok[mask]
@@ -330,15 +332,16 @@ def _label_noise(ty, vy, L, idx, sims, sn_nbrs, sn_sims, levels, ks, k_ref, seed
                "rank_at_k_ref": float(plain[k_ref - 1]), "soft_at_k_ref": float(pruned[k_ref - 1]),
                "rank_best": _best(ks, plain), "soft_best": _best(ks, pruned)}
         if n_flip:
-            score, _ = mislabel_scores(noisy, sn_nbrs, sn_sims, L, k=SOFT_K)
-            order = np.lexsort((-wrong, -score))[:n_flip]
+            score, _ = mislabel_scores(noisy, sn_nbrs, sn_sims, L, k=ISSUE_K)
+            order = rank_issues(score, wrong)[:n_flip]
             is_flip = np.zeros(n, bool)
             is_flip[flip] = True
             row["issue_precision"] = float(is_flip[order].mean())
             row["issue_chance"] = float(p)
             row["issue_auroc"] = auroc(score[is_flip], score[~is_flip]) if n_flip < n else None
         rows.append(row)
-    return {"k_ref": k_ref, "soft_k": SOFT_K, "soft_c": 1.75, "rows": rows}
+    return {"k_ref": k_ref, "soft_k": SOFT_K, "soft_c": 1.75, "issue_k": ISSUE_K, "issue_score": "softmax self-confidence",
+            "rows": rows}
 
 
 def _headline(out: dict) -> dict:

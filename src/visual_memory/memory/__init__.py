@@ -43,11 +43,12 @@ def _clamped_ks(ks: Sequence[int], width: int) -> tuple[list[int], list[int]]:
     return used, [used.index(min(k, width)) for k in ks]
 
 
-def _score_dicts(totals: np.ndarray, labels: list[str]) -> list[dict[str, float]]:
-    """Per query, {label: total} for labels with a vote, highest first (ties: lower code first)."""
+def _score_dicts(totals: np.ndarray, labels: list[str], reached: np.ndarray) -> list[dict[str, float]]:
+    """Per query, {label: total} for labels with a vote in the vote's order (`visual_memory.vote.Tally`):
+    highest first, equal totals by the position where they were reached, so the winner comes first."""
     qi, ci = np.nonzero(totals)
     vals = totals[qi, ci]
-    order = np.lexsort((-vals, qi))  # stable: equal totals keep ascending label code
+    order = np.lexsort((reached[qi, ci], -vals, qi))
     names = list(map(labels.__getitem__, ci[order].tolist()))
     vals = vals[order].tolist()
     bounds = np.concatenate([[0], np.cumsum(np.bincount(qi, minlength=len(totals)))]).tolist()
@@ -436,16 +437,16 @@ class Memory:
         width, k = rows.shape[1], min(k, len(self))
         table = self._state.rows
         codes, rec_w = table.codes_weights(rows)
-        contrib = voting.neighbor_weights(sims, vote, **vote_params) * rec_w
+        contrib = voting.contributions(sims, vote, rec_w, **vote_params)
         labels = table.labels.names
-        winners, totals = voting.tally(codes, contrib, len(labels))
+        winners, totals, reached = voting.tally(codes, contrib, len(labels))
         version = self.version
         out = []
         n_classes = len(self.labels)
         # Python work per query dominates at 1,000s of queries, so ids, labels and
         # scores are looked up for all queries at once (C-level map, no per-item branches).
         all_ids, all_labels = table.lookup_ids(rows), table.labels.decode(codes).ravel().tolist()
-        all_scores = _score_dicts(totals, labels)
+        all_scores = _score_dicts(totals, labels, reached)
         for q, win in enumerate(winners.tolist()):
             out.append(
                 Prediction(
@@ -504,7 +505,7 @@ class Memory:
         codes, rec_w = table.codes_weights(rows)
         out = {}
         for v in votes:
-            contrib = voting.neighbor_weights(sims, v, **(vote_params or {}).get(v, {})) * rec_w
+            contrib = voting.contributions(sims, v, rec_w, **(vote_params or {}).get(v, {}))
             out[v] = table.labels.decode(voting.predict_every_k(codes, contrib, len(table.labels), used)[:, column])
         return out
 
@@ -527,7 +528,7 @@ class Memory:
                                        lock_timeout=lock_timeout).changed
         return pruning.PruneResult(self.version, plan.mode, changed, plan.pruned, before, plan.params)
 
-    def label_issues(self, *, k: int = 10, limit: Optional[int] = 20, progress: bool | str = False):
+    def label_issues(self, *, k: int = 100, limit: Optional[int] = 20, progress: bool | str = False):
         """Records most likely mislabelled, most suspicious first (see `visual_memory.prune.label_issues`)."""
         from ..prune import label_issues
 
