@@ -346,3 +346,11 @@ def test_add_with_precomputed_vectors_equals_add(tmp_path, encoder, few_images):
     with pytest.raises(vm.VectorError, match="dimension 3"):
         b.add(paths, labels="x", vectors=np.ones((6, 3)), skip_existing=True)
     assert len(b) == 6 and b.version == rb.version
+
+
+def test_prediction_json_keeps_the_vote_order_for_numeric_labels(memory_dir):
+    # JSON objects are unordered and JavaScript lists integer-like keys first: `ranking` is the order.
+    mem = vm.create(memory_dir, encoder=None, dim=2)
+    mem.add_embeddings(np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]]), labels=["7", "7", "3"], ids=["a", "b", "c"])
+    d = mem.classify(np.array([[1.0, 0.05]]), k=3)[0].to_dict()
+    assert d["label"] == "7" and d["ranking"] == ["7", "3"] and list(d["scores"]) == d["ranking"]

@@ -167,6 +167,8 @@ class Prediction:
             "agreement": self.agreement,
             "ood_score": json_safe(self.ood_score),
             "scores": self.scores,
+            # JSON objects are unordered (and JavaScript lists integer-like keys first): the vote's order, winner first.
+            "ranking": list(self.scores),
             "k": self.k,
             "vote": self.vote,
             "version": self.version,

@@ -116,7 +116,8 @@ function render(p) {
   $("#pred-meta").textContent = `confidence ${fmt(p.confidence, 2)} · k=${p.k} · ${p.vote} vote · memory version ${p.version}`;
   const bars = $("#bars");
   bars.replaceChildren();
-  const entries = Object.entries(p.scores);
+  // p.ranking keeps the vote's order (winner first); Object.entries would put labels like "3" first.
+  const entries = (p.ranking ?? Object.keys(p.scores)).map((lab) => [lab, p.scores[lab]]);
   const top = Math.max(...entries.map(([, s]) => s), 1e-12);
   const total = entries.reduce((a, [, s]) => a + s, 0) || 1;
   for (const [lab, s] of entries) {
