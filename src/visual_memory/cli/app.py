@@ -242,3 +242,14 @@ def parse_ks(text: str) -> list[int]:
 def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what the library does; show tracebacks.")) -> None:
     _state["verbose"] = verbose
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+def print_accuracy(result, title: str = "top-1 accuracy") -> None:
+    """A table of `EvalResult.accuracy`: one row per vote, one column per k, the best in bold."""
+    ks = sorted(next(iter(result.accuracy.values())).keys())
+    cols = [f"k={k}" for k in ks]
+    table = new_table("vote", *cols, keep=("vote",), right=cols, title=f"{title} ({result.n_queries} queries)")
+    best = max(a for accs in result.accuracy.values() for a in accs.values())
+    for v, accs in result.accuracy.items():
+        table.add_row(v, *[styled((f"{accs[k]:.4f}", "bold" if accs[k] == best else "")) for k in ks])
+    print_table(table)

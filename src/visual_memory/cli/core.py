@@ -14,7 +14,7 @@ from ..errors import ImageError, list_failures
 from ..images import list_images, load_image, scan_folder
 from ..vote import VOTES
 from . import rerank as rr
-from .app import app, handle_errors, new_table, parse_ks, print_json, print_table, say, styled
+from .app import app, handle_errors, new_table, parse_ks, print_accuracy, print_json, print_table, say
 
 
 @app.command()
@@ -155,16 +155,6 @@ def info(
     print_table(table)
 
 
-def print_accuracy(result: "vm.EvalResult", title: str = "top-1 accuracy") -> None:
-    ks = sorted(next(iter(result.accuracy.values())).keys())
-    cols = [f"k={k}" for k in ks]
-    table = new_table("vote", *cols, keep=("vote",), right=cols, title=f"{title} ({result.n_queries} queries)")
-    best = max(a for accs in result.accuracy.values() for a in accs.values())
-    for v, accs in result.accuracy.items():
-        table.add_row(v, *[styled((f"{accs[k]:.4f}", "bold" if accs[k] == best else "")) for k in ks])
-    print_table(table)
-
-
 @app.command("eval")
 @handle_errors
 def eval_(
@@ -211,16 +201,3 @@ def eval_(
         from .evaluate import write_eval_report
 
         write_eval_report(mem, folder, report, per_class=per_class)
-
-
-@app.command()
-@handle_errors
-def demo(
-    out: Path = typer.Option(Path("vismem-demo"), "--out", help="Folder for the demo memory and reports."),
-    per_class: int = typer.Option(100, "--per-class", min=1, help="Memory images per class."),
-    queries: int = typer.Option(30, "--queries", min=1, help="Held-out query images per class."),
-) -> None:
-    """Build a memory from real images, classify held-out ones, print and write reports (Markdown and HTML with plots)."""
-    from ..demo import run_demo
-
-    run_demo(out, per_class=per_class, queries_per_class=queries)

@@ -17,10 +17,13 @@ import shutil
 import time
 from pathlib import Path
 
-from .cache import select_per_class
-from .datasets import load_fashion_mnist, write_image_folder
-from .errors import VisualMemoryError
-from .images import scan_folder
+import typer
+
+from ..cache import select_per_class
+from ..datasets import load_fashion_mnist, write_image_folder
+from ..errors import VisualMemoryError
+from ..images import scan_folder
+from .app import app, console, handle_errors, new_table, print_accuracy, print_table, say, styled
 
 
 # The report's held-out-class and OOD experiments remove two classes that each keep a near
@@ -50,9 +53,7 @@ def _dataset(out: Path, per_class: int, queries_per_class: int) -> tuple[str, Pa
 def run_demo(out: Path, *, per_class: int = 100, queries_per_class: int = 30) -> dict:
     """Run the demo; returns the report dict (also written to ``out``)."""
     import visual_memory as vm
-    from .cli.app import console, new_table, print_table, say, styled
-    from .cli.core import print_accuracy
-    from .evaluate import report_for_memory
+    from ..evaluate import report_for_memory
 
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -134,3 +135,14 @@ def run_demo(out: Path, *, per_class: int = 100, queries_per_class: int = 30) ->
     say(f"report: {out / 'report.md'} and {out / 'report.json'}")
     say(("HTML report with plots: ", "bold"), html_path, f" ({report_s:.0f} s)")
     return report
+
+
+@app.command()
+@handle_errors
+def demo(
+    out: Path = typer.Option(Path("vismem-demo"), "--out", help="Folder for the demo memory and reports."),
+    per_class: int = typer.Option(100, "--per-class", min=1, help="Memory images per class."),
+    queries: int = typer.Option(30, "--queries", min=1, help="Held-out query images per class."),
+) -> None:
+    """Build a memory from real images, classify held-out ones, print and write reports (Markdown and HTML with plots)."""
+    run_demo(out, per_class=per_class, queries_per_class=queries)
