@@ -81,7 +81,8 @@ class Memory:
     # -- properties ----------------------------------------------------------------
 
     @property
-    def path(self) -> Path:
+    def path(self) -> Path | str:
+        """The memory directory (a `Path`), or its object-store URI (a str)."""
         return self._store.path
 
     @property
@@ -624,20 +625,26 @@ class Memory:
                               lock_timeout=lock_timeout)
 
     def forget(self, *, ids: Optional[IdsLike] = None, label: Optional[IdsLike] = None, source: Optional[str] = None,
-               where: Optional[str] = None, images=None, verify: bool = True, lock_timeout: float = 0.0) -> ForgetReceipt:
+               where: Optional[str] = None, images=None, verify: bool = True, lock_timeout: float = 0.0,
+               progress: bool | str | None = None) -> ForgetReceipt:
         """Remove records, then erase every byte of them from the memory directory.
 
         Same selectors as `remove`; ``ids``/``images`` may also name records
         removed earlier whose bytes are still on disk. When this returns, no
-        file under the memory directory holds the records' vectors, ids,
-        labels-with-ids, sources, metadata or thumbnails: not the records
-        table, its older versions or deletion files, nor the audit log (which
-        keeps a salted hash of each id). Versions that held the records are
+        file under the memory directory (or object-store prefix) holds the
+        records' vectors, ids, labels-with-ids, sources, metadata or
+        thumbnails: not the records table, its older versions or deletion
+        files, nor the audit log (which keeps a salted hash of each id and
+        drops the labels and sources that described them; see
+        `visual_memory.erasure`). Versions that held the records are
         deleted (opening one names the forget that erased it); tags on them
         are dropped. The in-RAM vectors are zeroed too.
 
         Cost: one rewrite of each ~64 MB data file that held a record, plus a
-        scan of every file for the proof (``verify=False`` skips the scan).
+        scan of every file for the proof (``verify=False`` skips the scan),
+        shown by a progress bar (``progress``; None: the CLI's default, else
+        log lines). Every vector the user's embedding cache holds under a
+        forgotten id is purged too (`visual_memory.cache.purge`).
         A crash part-way is finished by the next writer or `visual_memory.open`.
 
         Returns
@@ -655,7 +662,7 @@ class Memory:
             If the verification scan still finds bytes of the records (with the receipt).
         """
         return editing.forget(self._state, ids=ids, label=label, source=source, where=where, images=images,
-                              verify=verify, lock_timeout=lock_timeout)
+                              verify=verify, lock_timeout=lock_timeout, progress=progress)
 
     def relabel(self, ids: IdsLike, label: str, *, lock_timeout: float = 0.0) -> EditResult:
         """Give records a new label (one version; votes use it at once).
@@ -759,19 +766,25 @@ def create(
     encoder: Optional[str | Encoder] = DEFAULT_ENCODER,
     index: str = "Flat",
     dim: Optional[int] = None,
+    storage_options: Optional[dict] = None,
 ) -> Memory:
     """Create an empty memory directory.
 
     Parameters
     ----------
     path : str or PathLike
-        A new or empty directory.
+        A new or empty directory, or an object-store URI (``s3://bucket/prefix``,
+        ``gs://``, ``az://``; ``file://`` is a local path).
     encoder : str, Encoder or None, default "efficientnet-lite0"
         A registered encoder name (see `vismem encoders`) or an encoder
         instance; its spec (preprocessing included) is written to the
         manifest. None makes a vectors-only memory of dimension ``dim``.
     index : str, default "Flat"
         FAISS index-factory string; "Flat" is exact search.
+    storage_options : dict, optional
+        Object storage settings in Lance's format (e.g. ``{"aws_endpoint": ...,
+        "allow_http": "true"}``); by default the usual environment (``AWS_*``, ...).
+        See `visual_memory.storage`.
 
     Raises
     ------
@@ -783,14 +796,14 @@ def create(
             raise ValueError("a memory without an encoder needs dim=<vector dimension>")
         index = validate_spec(index, dim)  # at the memory's real dimension, before touching disk
         spec = {"name": f"vectors-{dim}d", "dim": int(dim), "fingerprint": f"vectors-{dim}d"}
-        return Memory(Store.create(path, encoder=spec, index=index))
+        return Memory(Store.create(path, encoder=spec, index=index, storage_options=storage_options))
     enc = create_encoder(encoder) if isinstance(encoder, str) else encoder
     if not isinstance(enc, Encoder):
         raise TypeError(f"encoder must be a registered name or an Encoder; got {type(encoder).__name__}")
     if dim is not None and dim != enc.dim:
         raise ValueError(f"dim={dim} disagrees with encoder {enc.name!r} ({enc.dim}-d)")
     index = validate_spec(index, enc.dim)
-    return Memory(Store.create(path, encoder=enc.spec.to_dict(), index=index), enc)
+    return Memory(Store.create(path, encoder=enc.spec.to_dict(), index=index, storage_options=storage_options), enc)
 
 
 def open(  # noqa: A001 - mirrors lance.dataset / io.open naming users expect
@@ -799,12 +812,14 @@ def open(  # noqa: A001 - mirrors lance.dataset / io.open naming users expect
     version: Optional[int | str] = None,
     encoder: Optional[str | Encoder] = None,
     read_only: bool = False,
+    storage_options: Optional[dict] = None,
 ) -> Memory:
     """Open an existing memory.
 
     Parameters
     ----------
     path : str or PathLike
+        A memory directory or object-store URI (see `create`).
     version : int or str, optional
         Read an earlier version (read-only): a version number or a tag name
         (`Memory.tag`). Versions a `forget` erased cannot be opened.
@@ -812,13 +827,15 @@ def open(  # noqa: A001 - mirrors lance.dataset / io.open naming users expect
         Assert the memory was made with this encoder (raises
         `EncoderMismatchError` if not); by default the manifest's encoder is
         loaded lazily on the first image operation.
+    storage_options : dict, optional
+        Object storage settings (see `create`).
 
     Raises
     ------
     NotAMemoryError
         If ``path`` is not a memory directory.
     """
-    store = Store.open(path, version=version, read_only=read_only)
+    store = Store.open(path, version=version, read_only=read_only, storage_options=storage_options)
     mem = Memory(store)
     if not store.read_only:
         editing.finish_pending_forget(mem._state)
