@@ -382,6 +382,7 @@ class ObjectStorage(Storage):
             raise ValueError(f"{self.uri}: cannot configure object storage ({exc}); check storage_options") from None
         self._audit_cache: dict[str, tuple[str, str]] = {}  # key -> (etag, text)
         self._lease: Optional[_Lease] = None
+        self._next_seq: Optional[int] = None  # the next audit entry's number while holding the lease
         self._versioned: Optional[bool] = None
 
     def url(self, name: str) -> str:
@@ -439,8 +440,9 @@ class ObjectStorage(Storage):
         import obstore as obs
         from obstore.exceptions import AlreadyExistsError
 
-        keys = self._audit_keys()
-        seq = int(keys[-1]["path"][len(AUDIT_PREFIX):].split(".")[0]) + 1 if keys else 0
+        # Under the lease the sequence is this writer's own count from when it took the
+        # lease, so an entry written by anyone else since makes this PUT fail.
+        seq = self._next_seq if self._next_seq is not None else self._scan_next_seq()
         key = f"{AUDIT_PREFIX}{seq:012d}.json"
         try:
             result = obs.put(self._store, key, line.encode(), mode="create")
@@ -449,6 +451,12 @@ class ObjectStorage(Storage):
                                     "this process's lease was lost (it paused longer than the lease ttl)") from None
         self._note_version(result)
         self._audit_cache[key] = (result["e_tag"], line)
+        if self._next_seq is not None:
+            self._next_seq = seq + 1
+
+    def _scan_next_seq(self) -> int:
+        keys = self._audit_keys()
+        return int(keys[-1]["path"][len(AUDIT_PREFIX):].split(".")[0]) + 1 if keys else 0
 
     def audit_lines(self) -> list[str]:
         import obstore as obs
@@ -492,9 +500,10 @@ class ObjectStorage(Storage):
         lease.acquire(timeout)
         self._lease = lease
         try:
+            self._next_seq = self._scan_next_seq()
             yield
         finally:
-            self._lease = None
+            self._lease, self._next_seq = None, None
             lease.release()
 
     def lock_lost(self) -> Optional[str]:
