@@ -231,9 +231,14 @@ class LocalStorage(Storage):
         return (self.root / name).exists()
 
     def walk(self) -> list[tuple[str, int]]:
-        if not self.root.is_dir():
-            return []
-        return sorted((p.relative_to(self.root).as_posix(), p.stat().st_size) for p in self.root.rglob("*") if p.is_file())
+        out = []
+        for p in self.root.rglob("*") if self.root.is_dir() else ():
+            try:
+                if p.is_file():
+                    out.append((p.relative_to(self.root).as_posix(), p.stat().st_size))
+            except FileNotFoundError:  # deleted meanwhile (another process's cleanup)
+                continue
+        return sorted(out)
 
     def read_chunks(self, name: str, chunk_bytes: int) -> Iterator[bytes]:
         with open(self.root / name, "rb") as f:

@@ -37,6 +37,11 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 RECORDS = "records.lance"
 DERIVED_CACHE = "cache"  # rebuildable derived data (e.g. self-neighbours); dropped by forget
+# Rewritten (a new random epoch) just before any old version is deleted (forget,
+# optimize's cleanup): a reader that sees a new epoch moves to the newest version
+# before it answers, so no process returns a forgotten record after the forget
+# returned, and none reads a version whose files are going away.
+ERASURES = "erasures.json"
 __all__ = ["AUDIT", "LOCK", "MANIFEST", "RECORDS", "Store", "record_schema"]
 
 
@@ -85,6 +90,8 @@ class Store:
         self.manifest = manifest
         self.dataset = dataset
         self.read_only = read_only
+        self.pinned = False  # opened at a fixed version: never moves
+        self._epoch = _read_epoch(storage)
         self._locked = False
         self._audit_state: Optional[tuple[Any, int]] = None  # (storage audit state, version) after our last line
 
@@ -130,13 +137,16 @@ class Store:
         storage = path if isinstance(path, Storage) else open_storage(path, storage_options=storage_options)
         where = storage.location
         manifest = _read_manifest(storage)
+        epoch = _read_epoch(storage)  # before the dataset: a later erasure then shows as a new epoch
         try:
             ds = lance.dataset(storage.url(RECORDS), version=version, storage_options=storage.lance_options)
         except Exception as exc:
             if version is not None:
                 raise VisualMemoryError(_version_gone_message(storage, version, exc)) from exc
             raise NotAMemoryError(f"{where}: records table is missing or unreadable ({exc})") from exc
-        return cls(storage, manifest, ds, read_only=read_only or version is not None)
+        store = cls(storage, manifest, ds, read_only=read_only or version is not None)
+        store._epoch, store.pinned = epoch, version is not None
+        return store
 
     # -- reading -------------------------------------------------------------------
 
@@ -154,8 +164,34 @@ class Store:
     def refresh(self) -> bool:
         """Move to the newest committed version; True if it changed."""
         before = self.version
+        self._epoch = _read_epoch(self.storage)
         self.dataset = self.dataset.checkout_version(self.dataset.latest_version)
         return self.version != before
+
+    def erased_since_loaded(self) -> bool:
+        """Whether another process deleted old versions (forget, optimize) since this one last moved.
+
+        One small read (a file, or a GET on object storage); never touches the
+        dataset object, so it is safe beside concurrent reads.
+        """
+        return not self.pinned and _read_epoch(self.storage) != self._epoch
+
+    def read_table(self, columns: list[str], *, where: Optional[str] = None, offset: Optional[int] = None,
+                   limit: Optional[int] = None) -> pa.Table:
+        """Rows of the current version; the newest one if an erasure removed this one's files mid-read.
+
+        The fallback opens a fresh dataset object (it never moves this store),
+        so it is safe beside concurrent readers of this store.
+        """
+        try:
+            return self.dataset.to_table(columns=columns, filter=where, offset=offset, limit=limit)
+        except Exception:
+            if not self.erased_since_loaded():
+                raise
+            import lance
+
+            latest = lance.dataset(self.storage.url(RECORDS), storage_options=self.storage.lance_options)
+            return latest.to_table(columns=columns, filter=where, offset=offset, limit=limit)
 
     def count(self) -> int:
         return int(self.dataset.count_rows())
@@ -383,6 +419,8 @@ class Store:
             versions = [int(v) for v in versions if int(v) != self.version]
             if not versions:
                 return 0
+        self._mark_erasure()
+        if versions is not None:
             stats = self.dataset.cleanup_old_versions(versions=versions, delete_unverified=True)
         else:
             stats = self.dataset.cleanup_old_versions(
@@ -390,6 +428,14 @@ class Store:
             )
         self._checkout_latest()
         return int(stats.old_versions)
+
+    def _mark_erasure(self) -> None:
+        """Announce that old versions are about to go (see `ERASURES`)."""
+        import uuid
+
+        self._epoch = uuid.uuid4().hex
+        self.storage.write(ERASURES, json.dumps({"epoch": self._epoch, "version": self.version, "actor": _actor(),
+                                                 "ts": now_utc().isoformat()}).encode())
 
     def tags(self) -> dict[str, int]:
         """Tag name -> version."""
@@ -429,6 +475,14 @@ FRAGMENT_BYTES = 64 * 1024 * 1024
 
 def _addr_in(addresses: Sequence[int]) -> str:
     return "_rowaddr IN (" + ", ".join(str(int(a)) for a in addresses) + ")"
+
+
+def _read_epoch(storage: Storage) -> Optional[str]:
+    raw = storage.read(ERASURES)
+    try:
+        return json.loads(raw)["epoch"] if raw else None
+    except (ValueError, KeyError, TypeError):
+        return raw.hex() if raw else None  # unreadable: still a token that changes when the file does
 
 
 def _read_manifest(storage: Storage) -> dict:

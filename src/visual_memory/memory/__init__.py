@@ -133,11 +133,36 @@ class Memory:
     @property
     def labels(self) -> dict[str, int]:
         """Record count per label, largest first."""
+        self._fresh()
         return self._state.rows.label_counts()
 
     def ids(self) -> list[str]:
         """Ids of the live records, in row order."""
+        self._fresh()
         return self._state.rows.alive_ids()
+
+    #: Before each read (`search`, `classify`, `get`, `records`, `ids`, `labels`,
+    #: `info`, `vectors`), check whether another process erased old versions
+    #: (`forget`, `optimize` with cleanup) and if so move to the newest version,
+    #: so no read returns a forgotten record once the forget has returned. The
+    #: check is one small file read (a GET on object storage). ``len()`` and
+    #: ``in`` answer from the loaded version without it. A caller that shares
+    #: one Memory between threads (the server) sets this False and calls
+    #: `follow_erasures` under its own lock instead.
+    auto_follow_erasures: bool = True
+
+    def erased_since_loaded(self) -> bool:
+        """Whether another process erased old versions since this memory last moved (read-only check)."""
+        return self._store.erased_since_loaded()
+
+    def follow_erasures(self) -> bool:
+        """Move to the newest version if another process erased old ones; True if it did."""
+        return self._state.follow_erasures()
+
+    def _fresh(self) -> None:
+        if self.auto_follow_erasures:
+            self._state.follow_erasures()
+        self._state.sync()
 
     @property
     def rows(self) -> RowTable:
@@ -164,7 +189,7 @@ class Memory:
         exact in-RAM index, which holds them bit for bit), never a lossy
         index's reconstruction.
         """
-        self._state.sync()
+        self._fresh()
         return self._state.vectors(self._state.rows.alive_rows() if rows is None else rows)
 
     RECORD_COLUMNS = ("id", "label", "source", "weight", "added_at", "metadata")
@@ -178,6 +203,7 @@ class Memory:
             Listing the ids that are not in the memory (nothing else is read).
         """
         ids = [ids] if isinstance(ids, str) else list(ids)
+        self._fresh()
         missing = [i for i in ids if i not in self]
         if missing:
             raise UnknownIdError(f"{len(missing)} unknown id(s): {missing[:5]}")
@@ -185,6 +211,9 @@ class Memory:
             return []
         cols = list(dict.fromkeys(["id", *columns]))
         rows = {r["id"]: r for r in self._read(cols, sql_in("id", ids))}
+        gone = [i for i in ids if i not in rows]  # forgotten by another process while this read ran
+        if gone:
+            raise UnknownIdError(f"{len(gone)} unknown id(s): {gone[:5]}")
         return [self._decode_record(rows[i], columns) for i in ids]
 
     def records(
@@ -205,11 +234,12 @@ class Memory:
             raise ValueError("offset and limit must be >= 0")
         filters = [f for f in (f"label = {sql_quote(label)}" if label is not None else None, where) if f]
         flt = " AND ".join(f"({f})" for f in filters) or None
-        table = self._store.dataset.to_table(columns=list(columns), filter=flt, offset=offset, limit=limit)
+        self._fresh()
+        table = self._store.read_table(list(columns), where=flt, offset=offset, limit=limit)
         return [self._decode_record(r, columns) for r in table.to_pylist()]
 
     def _read(self, columns: list[str], where: str) -> list[dict]:
-        return self._store.dataset.to_table(columns=columns, filter=where).to_pylist()
+        return self._store.read_table(columns, where=where).to_pylist()
 
     @staticmethod
     def _decode_record(row: dict, columns: Sequence[str]) -> dict:
@@ -222,6 +252,7 @@ class Memory:
 
     def info(self) -> dict[str, Any]:
         """Summary: count, labels with counts, encoder, dim, version, size on disk."""
+        self._fresh()
         enc = self._store.manifest["encoder"]
         return {
             "path": str(self.path),
@@ -376,7 +407,7 @@ class Memory:
         """
         check_k(k)
         q = self._query_vectors(queries, progress)
-        self._state.sync()
+        self._fresh()
         return self._state.index.search(q, max(1, min(k, len(self))), params=params)
 
     def kneighbors(self, queries, *, k: int = 50, progress: bool | str = False,
