@@ -16,7 +16,6 @@ import sys
 import time
 import uuid
 
-import numpy as np
 import pytest
 
 import visual_memory as vm

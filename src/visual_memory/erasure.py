@@ -87,7 +87,7 @@ JOURNAL = ".forget-journal.json"
 MIN_SCAN_BYTES = 8  # shorter strings occur by chance (in numbers, timestamps); they are counted, not scanned
 ERASED = "erased"
 _TEXT_KEYS = {"label", "labels", "old_labels", "source", "sources", "where"}
-_SCAN_EXCLUDE = {JOURNAL, JOURNAL + ".tmp", LOCK, LEASE}
+_SCAN_EXCLUDE = {JOURNAL, LOCK, LEASE}
 
 
 def salted_hash(salt: str, record_id: str) -> str:
@@ -488,6 +488,7 @@ def run(
     # Derived caches (self-neighbour rows and similarities) describe the forgotten
     # records too; they are rebuilt on demand, so drop them rather than patch them.
     storage.delete_prefix(DERIVED_CACHE)
+    storage.delete(JOURNAL + ".tmp")  # left by a crash while an earlier journal was being written
     from .cache import purge
 
     cache = purge(ids)

@@ -371,7 +371,6 @@ class ObjectStorage(Storage):
 
     def __init__(self, uri: str, *, storage_options: Optional[dict] = None) -> None:
         try:
-            import obstore  # noqa: F401
             from obstore.store import from_url
         except ImportError as exc:  # pragma: no cover - depends on the install
             raise VisualMemoryError(f"{uri}: object storage needs obstore: pip install 'visual-memory[cloud]'") from exc

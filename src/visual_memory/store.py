@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
@@ -30,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 
 from .errors import MemoryExistsError, MemoryLockedError, NotAMemoryError, VisualMemoryError
-from .storage import AUDIT, LOCK, Storage, actor as _actor, fsync_dir as _fsync_dir, open_storage
+from .storage import AUDIT, LOCK, Storage, actor as _actor, open_storage
 
 FORMAT = "visual-memory"
 FORMAT_VERSION = 1
@@ -69,13 +68,6 @@ def _json_bytes(obj: Any) -> bytes:
     return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Replace a local JSON file atomically and durably."""
-    from .storage import LocalStorage
-
-    LocalStorage(path.parent).write(path.name, _json_bytes(obj))
-
-
 class Store:
     """Durable records of one memory. Not thread-safe; one per process.
 
@@ -91,7 +83,7 @@ class Store:
         self.dataset = dataset
         self.read_only = read_only
         self.pinned = False  # opened at a fixed version: never moves
-        self._epoch = _read_epoch(storage)
+        self._epoch: Optional[str] = None  # the erasure marker when this store last moved (set by `open`)
         self._locked = False
         self._audit_state: Optional[tuple[Any, int]] = None  # (storage audit state, version) after our last line
 
