@@ -199,13 +199,16 @@ class _WindowFilter:
     """Every occurrence of many needles in a buffer, in one vectorised pass per word width.
 
     A needle of length L >= 2w - 1 holds a ``w``-byte window at each of the
-    ``w`` offsets 0..w-1, so one of them is ``w``-aligned wherever the needle
-    starts: scanning the buffer's aligned ``w``-byte words finds it. Needles
-    of 15 bytes or more use 8-byte words; shorter ones (8-14 bytes) 4-byte
-    words. A bitmap of hashed words (small enough for the CPU cache) rejects
-    almost every word in numpy; each surviving word is checked with one set
-    lookup per (offset, length) group, so needles sharing windows (ids with a
-    common prefix) cost no more than distinct ones.
+    ``w`` residues of its start modulo ``w``, so whatever the needle's
+    alignment, one of those windows lands on an aligned word of the buffer:
+    scanning the buffer's aligned ``w``-byte words finds it. Needles of 15
+    bytes or more use 8-byte words; shorter ones (8-14 bytes) 4-byte words.
+    Per needle and residue the *rarest* window is the key (fewest zero bytes,
+    fewest needles sharing it): real embeddings are 40% exact zeros (ReLU),
+    and keying a vector by a zero word made every zero word of the files a
+    candidate. A bitmap of hashed keys (small enough for the CPU cache)
+    rejects almost every word in numpy; each surviving word is checked with
+    one set lookup per (offset, length) group.
     """
 
     def __init__(self, needles: list[bytes]) -> None:
@@ -214,11 +217,28 @@ class _WindowFilter:
             group = [n for n in needles if fits(n)]
             if not group:
                 continue
-            keys: dict[int, dict[tuple[int, int], set[bytes]]] = {}
+            # Candidate windows: the first 64 positions of each residue, for all needles of one length at once.
+            from numpy.lib.stride_tricks import sliding_window_view
+
+            by_len: dict[int, list[bytes]] = {}
             for n in group:
-                for o in range(width):
-                    key = int(np.frombuffer(n[o : o + width], dtype=dtype)[0])
-                    keys.setdefault(key, {}).setdefault((o, len(n)), set()).add(n)
+                by_len.setdefault(len(n), []).append(n)
+            cands = []
+            for length, same in by_len.items():
+                arr = np.frombuffer(b"".join(same), dtype=np.uint8).reshape(len(same), length)
+                win = sliding_window_view(arr, width, axis=1)[:, : 64 * width]  # (needles, positions, width)
+                words = np.ascontiguousarray(win).view(dtype)[..., 0]
+                cands.append((same, words, (win == 0).sum(axis=2)))
+            uniq, counts = np.unique(np.concatenate([w.ravel() for _, w, _ in cands]), return_counts=True)
+            keys: dict[int, dict[tuple[int, int], set[bytes]]] = {}
+            for same, words, zeros in cands:
+                # Fewest zero bytes first, then fewest needles sharing the window.
+                score = zeros.astype(np.int64) * (1 << 32) + counts[np.searchsorted(uniq, words)]
+                for r in range(width):
+                    offs = np.arange(r, words.shape[1], width)
+                    best = offs[np.argmin(score[:, offs], axis=1)]
+                    for n, o, key in zip(same, best.tolist(), words[np.arange(len(same)), best].tolist()):
+                        keys.setdefault(int(key), {}).setdefault((o, len(n)), set()).add(n)
             bits = int(min(26, max(16, np.ceil(np.log2(max(1, len(keys)))) + 8)))
             bitmap = np.zeros(1 << bits, dtype=bool)
             bitmap[self._bucket(np.fromiter(keys, dtype=np.uint64, count=len(keys)), bits)] = True
@@ -237,7 +257,10 @@ class _WindowFilter:
             words = np.frombuffer(buf, dtype=dtype, count=count)
             cand = np.flatnonzero(bitmap[self._bucket(words, bits)])
             for j, w in zip(cand.tolist(), words[cand].tolist()):
-                for (o, length), group in keys.get(w, {}).items():
+                groups = keys.get(w)
+                if groups is None:
+                    continue
+                for (o, length), group in groups.items():
                     start = width * j - o
                     if start >= 0:
                         piece = buf[start : start + length]
