@@ -221,3 +221,24 @@ def test_bad_locations_are_refused_clearly(tmp_path):
     with pytest.raises(ValueError, match="storage_options apply to object storage"):
         vm.create(tmp_path / "m", encoder=None, dim=4, storage_options={"aws_region": "x"})
     assert not (tmp_path / "m").exists()
+
+
+def test_a_writer_whose_lease_was_taken_over_stops_writing(s3, unit_vectors, monkeypatch):
+    from visual_memory import storage
+
+    monkeypatch.setattr(storage, "LEASE_TTL", 0.6)  # heartbeat every 0.2 s
+    bucket = s3.bucket(f"t-{uuid.uuid4().hex[:12]}")
+    m, _ = _memory(f"s3://{bucket}/m", s3.options, unit_vectors)
+    v = m.version
+    with m._store.writing():
+        # Another process decided this writer was dead and took the lease over.
+        s3.client().put_object(Bucket=bucket, Key="m/_lease.json", Body=json.dumps(
+            {"owner": "other@host:1", "host": "elsewhere", "pid": 1, "ttl_s": 30, "released": False}).encode())
+        deadline = time.monotonic() + 10
+        while m._store.storage.lock_lost() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(MemoryLockedError, match="no longer holds the writer lease"):
+            m._store.audit("late")
+    assert vm.open(f"s3://{bucket}/m", storage_options=s3.options).version == v
+    lease = json.loads(s3.objects(bucket, "m/_lease.json")["m/_lease.json"])
+    assert lease["owner"] == "other@host:1"  # the release never freed a lease it no longer held
