@@ -5,6 +5,10 @@ in ``$VISMEM_CACHE_DIR/embeddings/<fingerprint>/*.npz`` shards (default
 ``~/.cache/visual-memory``). Any subset of a dataset reuses what an earlier run
 embedded. Shards are written atomically; concurrent processes at worst embed
 the same image twice.
+
+The key is the image's SHA-256, which is also a record's default id, so
+`Memory.forget` can `purge` a forgotten image's vectors (under every encoder)
+from the cache of the user who runs it.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from .images import scan_folder
 
 class EmbeddingCache:
     def __init__(self, fingerprint: str, root: Optional[Path] = None) -> None:
-        self.dir = (root or cache_dir() / "embeddings") / fingerprint
+        self.dir = cache_root(root) / fingerprint
         self._index: dict[str, tuple[Path, int]] = {}
         self._shards: dict[Path, np.ndarray] = {}
         if self.dir.is_dir():
@@ -37,16 +41,25 @@ class EmbeddingCache:
                     continue  # a damaged shard is just a cache miss
 
     def get(self, keys: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(found mask, vectors for the found keys in order)."""
+        """(found mask, vectors for the found keys in order).
+
+        A shard that vanished since it was indexed (a `purge` rewrote it) is a miss.
+        """
         found = np.array([k in self._index for k in keys], dtype=bool)
         vecs = []
-        for k, ok in zip(keys, found):
-            if ok:
+        for j, k in enumerate(keys):
+            if found[j]:
                 shard, i = self._index[k]
                 if shard not in self._shards:
-                    with np.load(shard) as z:
-                        self._shards[shard] = z["vectors"]
-                vecs.append(self._shards[shard][i])
+                    try:
+                        with np.load(shard) as z:
+                            self._shards[shard] = z["vectors"]
+                    except (OSError, ValueError, KeyError):
+                        self._shards[shard] = None
+                if self._shards[shard] is None:
+                    found[j] = False
+                else:
+                    vecs.append(self._shards[shard][i])
         return found, (np.stack(vecs) if vecs else np.zeros((0, 0), np.float32))
 
     def put(self, keys: Sequence[str], vectors: np.ndarray) -> None:
@@ -60,6 +73,70 @@ class EmbeddingCache:
         self._shards[shard] = np.asarray(vectors, np.float32)
         for i, k in enumerate(keys):
             self._index[k] = (shard, i)
+
+
+def cache_root(root: Optional[Path] = None) -> Path:
+    """The folder holding one sub-folder of shards per encoder fingerprint."""
+    return Path(root) if root is not None else cache_dir() / "embeddings"
+
+
+def purge(keys: Sequence[str], *, root: Optional[Path] = None) -> dict:
+    """Remove every cached vector stored under ``keys`` (under every encoder fingerprint).
+
+    Each shard holding a key is rewritten without it (a new shard, then the old
+    one deleted), so no file keeps the key or its vector; other processes that
+    indexed the old shard see a cache miss.
+
+    Returns
+    -------
+    dict
+        ``dir`` (the cache root), ``entries_removed``, ``shards_rewritten``,
+        ``new_shards`` (paths relative to ``dir`` of the shards written in their place).
+    """
+    base = cache_root(root)
+    want = set(keys)
+    removed = rewritten = 0
+    new_shards = []
+    for shard in sorted(base.glob("*/*.npz")) if want and base.is_dir() else []:
+        if shard.name.endswith(".tmp.npz"):
+            continue
+        try:
+            with np.load(shard) as z:
+                shard_keys = z["keys"].tolist()
+                drop = np.array([k in want for k in shard_keys], dtype=bool)
+                if not drop.any():
+                    continue
+                vectors = z["vectors"][~drop]
+        except Exception:  # a damaged shard: it is unreadable anyway, so erase it whole
+            shard.unlink(missing_ok=True)
+            rewritten += 1
+            continue
+        kept = [k for k, d in zip(shard_keys, drop.tolist()) if not d]
+        if kept:
+            new = shard.with_name(f"{uuid.uuid4().hex}.npz")
+            tmp = new.with_suffix(".tmp.npz")
+            np.savez(tmp, keys=np.array(kept), vectors=vectors)
+            os.replace(tmp, new)
+            new_shards.append(new.relative_to(base).as_posix())
+        shard.unlink()
+        removed += int(drop.sum())
+        rewritten += 1
+    return {"dir": str(base), "entries_removed": removed, "shards_rewritten": rewritten, "new_shards": new_shards}
+
+
+def holding(keys: Sequence[str], *, root: Optional[Path] = None) -> list[str]:
+    """Shards (relative to the cache root) whose key list holds any of ``keys`` (reads key lists only)."""
+    base = cache_root(root)
+    want = set(keys)
+    out = []
+    for shard in sorted(base.glob("*/*.npz")) if want and base.is_dir() else []:
+        try:
+            with np.load(shard) as z:
+                if want.intersection(z["keys"].tolist()):
+                    out.append(shard.relative_to(base).as_posix())
+        except Exception:
+            continue  # unreadable: holds nothing anyone can read back
+    return out
 
 
 def file_sha256(path: Path) -> str:

@@ -245,7 +245,7 @@ def self_neighbors(mem: "Memory", *, k: int = HARD_K, progress: bool | str = Fal
     n = len(rows)
     want = min(int(k), max(n - 1, 0))
     path = None
-    if cache:
+    if cache and isinstance(mem.path, Path):  # derived files are kept beside a local memory only
         key = _alive_key([table.ids[r] for r in rows.tolist()])
         path = mem.path / CACHE_DIR / f"{_CACHE_PREFIX}{key}.npz"
         hit = _load_cache(path, n, want)
@@ -285,6 +285,8 @@ def _save_cache(path: Path, nbrs: np.ndarray, sims: np.ndarray) -> None:
 
 def clear_cache(mem: "Memory") -> int:
     """Delete cached self-neighbours (e.g. after `forget`). Returns files removed."""
+    if not isinstance(mem.path, Path):
+        return 0
     d = mem.path / CACHE_DIR
     files = list(d.glob(f"{_CACHE_PREFIX}*")) if d.is_dir() else []
     for f in files:

@@ -272,9 +272,16 @@ class ForgetReceipt:
         Tags that named an erased version.
     verification : dict
         ``ok``, ``files_scanned``, ``bytes_scanned``, ``ids_scanned``,
-        ``vectors_scanned``, ``found`` (hits: file, kind, id hash) and
-        ``ids_too_short`` (ids under 8 bytes are not scanned: such strings
-        occur by chance).
+        ``vectors_scanned``, ``texts_scanned`` (labels and sources only the
+        forgotten records had), ``found`` (hits: file, kind, salted hash),
+        ``shadowed`` (an id or text found only inside a string the memory
+        still holds), ``ids_too_short`` / ``texts_too_short`` (under 8 bytes
+        they are not scanned: such strings occur by chance), ``storage``
+        (``kind``; on object storage ``bucket_versioning``,
+        ``keeps_deleted_versions`` and a ``note``: a versioned bucket keeps
+        every deleted object's older versions) and ``embedding_cache``
+        (``dir``, ``entries_removed``, ``shards_rewritten``: the purge of the
+        user's embedding cache).
     recovered : bool
         True when this forget was completed on reopen after a crash.
     """

@@ -1,12 +1,14 @@
-"""The memory directory: manifest, Lance records table, audit log, writer lock.
+"""The memory: manifest, Lance records table, audit log, writer lock, on any `storage`.
 
-Layout::
+Layout (a local directory, or the same names under an object-store prefix)::
 
     MEMORY/
-      manifest.json   format version, encoder spec, dim, index factory string
+      manifest.json   format version, encoder spec, dim, index factory string, audit salt
       records.lance/  Lance dataset, one row per record (schema below)
       audit.jsonl     one JSON line per mutation, fsync'd, append-only
+                      (object storage: audit/<seq>.json, one object per entry)
       .lock           advisory writer lock (fcntl.flock); holds the writer's pid
+                      (object storage: _lease.json, a lease; see `visual_memory.storage`)
 
 The store is the truth; the search index is a cache rebuilt from it. The
 memory's version is the Lance dataset version: each committed mutation makes
@@ -18,13 +20,7 @@ always agrees with the records.
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
-import getpass
 import json
-import os
-import socket
-import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
@@ -33,14 +29,19 @@ import numpy as np
 import pyarrow as pa
 
 from .errors import MemoryExistsError, MemoryLockedError, NotAMemoryError, VisualMemoryError
+from .storage import AUDIT, LOCK, Storage, actor as _actor, open_storage
 
 FORMAT = "visual-memory"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 RECORDS = "records.lance"
-AUDIT = "audit.jsonl"
-LOCK = ".lock"
 DERIVED_CACHE = "cache"  # rebuildable derived data (e.g. self-neighbours); dropped by forget
+# Rewritten (a new random epoch) just before any old version is deleted (forget,
+# optimize's cleanup): a reader that sees a new epoch moves to the newest version
+# before it answers, so no process returns a forgotten record after the forget
+# returned, and none reads a version whose files are going away.
+ERASURES = "erasures.json"
+__all__ = ["AUDIT", "LOCK", "MANIFEST", "RECORDS", "Store", "record_schema"]
 
 
 def record_schema(dim: int) -> pa.Schema:
@@ -63,61 +64,45 @@ def now_utc() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def _actor() -> str:
-    try:
-        user = getpass.getuser()
-    except Exception:
-        user = "unknown"
-    return f"{user}@{socket.gethostname()}:{os.getpid()}"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+def _json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
 
 
 class Store:
     """Durable records of one memory. Not thread-safe; one per process.
 
     Use `Store.create` / `Store.open`; every write goes through `writing()`.
+    ``path`` is a `pathlib.Path` for a local memory and the URI string for one
+    on object storage; ``storage`` reaches its files either way.
     """
 
-    def __init__(self, path: Path, manifest: dict, dataset, *, read_only: bool) -> None:
-        self.path = path
+    def __init__(self, storage: Storage, manifest: dict, dataset, *, read_only: bool) -> None:
+        self.storage = storage
+        self.path = storage.location
         self.manifest = manifest
         self.dataset = dataset
         self.read_only = read_only
-        self._lock_fd: Optional[int] = None
-        self._audit_state: Optional[tuple[int, int]] = None  # (audit.jsonl size, version) after our last line
+        self.pinned = False  # opened at a fixed version: never moves
+        self._epoch: Optional[str] = None  # the erasure marker when this store last moved (set by `open`)
+        self._locked = False
+        self._audit_state: Optional[tuple[Any, int]] = None  # (storage audit state, version) after our last line
 
     # -- lifecycle -----------------------------------------------------------------
 
     @classmethod
-    def create(cls, path: str | os.PathLike, *, encoder: dict, index: str = "Flat") -> "Store":
+    def create(cls, path, *, encoder: dict, index: str = "Flat", storage_options: Optional[dict] = None) -> "Store":
         import lance
 
-        path = Path(path)
-        if (path / MANIFEST).exists():
-            raise MemoryExistsError(f"{path}: a memory already exists here; open it with visual_memory.open()")
-        if path.exists() and any(path.iterdir()):
-            raise MemoryExistsError(f"{path}: directory is not empty; choose a new path for the memory")
-        path.mkdir(parents=True, exist_ok=True)
+        storage = open_storage(path, storage_options=storage_options)
+        if storage.exists(MANIFEST):
+            raise MemoryExistsError(f"{storage.location}: a memory already exists here; open it with visual_memory.open()")
+        if storage.walk():
+            raise MemoryExistsError(f"{storage.location}: directory is not empty; choose a new path for the memory")
+        if not storage.remote:
+            storage.root.mkdir(parents=True, exist_ok=True)
         dim = int(encoder["dim"])
-        ds = lance.write_dataset(record_schema(dim).empty_table(), str(path / RECORDS), mode="create")
+        ds = lance.write_dataset(record_schema(dim).empty_table(), storage.url(RECORDS), mode="create",
+                                 storage_options=storage.lance_options)
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -131,41 +116,29 @@ class Store:
         # through `writing()`, whose reconcile step would find version 1 unaudited.
         entry = {"ts": now_utc().isoformat(), "op": "create", "version": int(ds.version), "actor": _actor(),
                  "encoder": encoder["name"], "fingerprint": encoder.get("fingerprint"), "index": index}
-        with open(path / AUDIT, "w") as f:
-            f.write(json.dumps(entry, sort_keys=True, default=str) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        storage.audit_append(json.dumps(entry, sort_keys=True, default=str))
         # The manifest is written last: its presence marks a complete memory.
-        write_json_atomic(path / MANIFEST, manifest)
-        return cls.open(path)
+        storage.write(MANIFEST, _json_bytes(manifest))
+        return cls.open(path, storage_options=storage_options)
 
     @classmethod
-    def open(cls, path: str | os.PathLike, *, version: Optional[int] = None, read_only: bool = False) -> "Store":
+    def open(cls, path, *, version: Optional[int] = None, read_only: bool = False,
+             storage_options: Optional[dict] = None) -> "Store":
         import lance
 
-        path = Path(path)
-        manifest_path = path / MANIFEST
-        if not manifest_path.is_file():
-            what = "does not exist" if not path.exists() else "is not a visual-memory directory (no manifest.json)"
-            raise NotAMemoryError(f"{path}: {what}; create one with `vismem create {path}`")
+        storage = path if isinstance(path, Storage) else open_storage(path, storage_options=storage_options)
+        where = storage.location
+        manifest = _read_manifest(storage)
+        epoch = _read_epoch(storage)  # before the dataset: a later erasure then shows as a new epoch
         try:
-            manifest = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise NotAMemoryError(f"{manifest_path}: corrupt manifest ({exc})") from exc
-        if manifest.get("format") != FORMAT:
-            raise NotAMemoryError(f"{path}: manifest is not a visual-memory manifest")
-        if manifest.get("format_version", 0) > FORMAT_VERSION:
-            raise VisualMemoryError(
-                f"{path}: memory format {manifest['format_version']} is newer than this visual-memory "
-                f"supports ({FORMAT_VERSION}); upgrade visual-memory"
-            )
-        try:
-            ds = lance.dataset(str(path / RECORDS), version=version)
+            ds = lance.dataset(storage.url(RECORDS), version=version, storage_options=storage.lance_options)
         except Exception as exc:
             if version is not None:
-                raise VisualMemoryError(_version_gone_message(path, version, exc)) from exc
-            raise NotAMemoryError(f"{path}: records table is missing or unreadable ({exc})") from exc
-        return cls(path, manifest, ds, read_only=read_only or version is not None)
+                raise VisualMemoryError(_version_gone_message(storage, version, exc)) from exc
+            raise NotAMemoryError(f"{where}: records table is missing or unreadable ({exc})") from exc
+        store = cls(storage, manifest, ds, read_only=read_only or version is not None)
+        store._epoch, store.pinned = epoch, version is not None
+        return store
 
     # -- reading -------------------------------------------------------------------
 
@@ -183,8 +156,34 @@ class Store:
     def refresh(self) -> bool:
         """Move to the newest committed version; True if it changed."""
         before = self.version
+        self._epoch = _read_epoch(self.storage)
         self.dataset = self.dataset.checkout_version(self.dataset.latest_version)
         return self.version != before
+
+    def erased_since_loaded(self) -> bool:
+        """Whether another process deleted old versions (forget, optimize) since this one last moved.
+
+        One small read (a file, or a GET on object storage); never touches the
+        dataset object, so it is safe beside concurrent reads.
+        """
+        return not self.pinned and _read_epoch(self.storage) != self._epoch
+
+    def read_table(self, columns: list[str], *, where: Optional[str] = None, offset: Optional[int] = None,
+                   limit: Optional[int] = None) -> pa.Table:
+        """Rows of the current version; the newest one if an erasure removed this one's files mid-read.
+
+        The fallback opens a fresh dataset object (it never moves this store),
+        so it is safe beside concurrent readers of this store.
+        """
+        try:
+            return self.dataset.to_table(columns=columns, filter=where, offset=offset, limit=limit)
+        except Exception:
+            if not self.erased_since_loaded():
+                raise
+            import lance
+
+            latest = lance.dataset(self.storage.url(RECORDS), storage_options=self.storage.lance_options)
+            return latest.to_table(columns=columns, filter=where, offset=offset, limit=limit)
 
     def count(self) -> int:
         return int(self.dataset.count_rows())
@@ -199,7 +198,7 @@ class Store:
         yield from self.dataset.to_batches(columns=columns, batch_size=batch_size, with_row_address=with_row_address)
 
     def size_bytes(self) -> int:
-        return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+        return sum(size for _, size in self.storage.walk())
 
     # -- writing -------------------------------------------------------------------
 
@@ -207,9 +206,11 @@ class Store:
     def writing(self, *, timeout: float = 0.0, on_lock: Optional[Callable[["Store"], Any]] = None) -> Iterator["Store"]:
         """Hold the cross-process writer lock; move to the latest version first.
 
-        ``timeout`` seconds to wait for another writer (0: fail at once).
-        ``on_lock(store)`` runs once the lock is held, before the audit log is
-        reconciled (the memory finishes an interrupted forget there).
+        ``timeout`` seconds to wait for another writer (0: fail at once). On
+        entry the manifest is re-read (another process may have changed it,
+        e.g. a first forget writing the audit salt); then ``on_lock(store)``
+        runs (the memory finishes an interrupted forget there), and the audit
+        log is reconciled with the versions.
 
         Raises
         ------
@@ -218,52 +219,41 @@ class Store:
         """
         if self.read_only:
             raise VisualMemoryError(f"{self.path}: opened read-only (or at an old version); cannot write")
-        if self._lock_fd is not None:  # re-entrant within one process
+        if self._locked:  # re-entrant within one process
             yield self
             return
-        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-        deadline = time.monotonic() + max(0.0, timeout)
-        while True:
+        with self.storage.lock(timeout=timeout):
+            self._locked = True
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as exc:
-                if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                    os.close(fd)
-                    raise
-                if time.monotonic() >= deadline:
-                    holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-                    os.close(fd)
-                    raise MemoryLockedError(
-                        f"{self.path}: another writer holds the lock ({holder}); "
-                        "wait for it to finish or pass a longer lock timeout"
-                    ) from None
-                time.sleep(0.05)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, _actor().encode(), 0)
-        self._lock_fd = fd
-        try:
-            self.refresh()
-            if on_lock is not None:
-                on_lock(self)
-            self.reconcile_audit()
-            yield self
-        finally:
-            self._lock_fd = None
-            os.ftruncate(fd, 0)
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
+                self.manifest = _read_manifest(self.storage)
+                self.refresh()
+                if on_lock is not None:
+                    on_lock(self)
+                self.reconcile_audit()
+                yield self
+            finally:
+                self._locked = False
 
     def _require_lock(self) -> None:
-        if self._lock_fd is None:
+        if not self._locked:
             raise RuntimeError("store writes must happen inside `with store.writing():`")
+        lost = self.storage.lock_lost()
+        if lost:
+            raise MemoryLockedError(f"{self.path}: this process no longer holds the writer lease ({lost}); "
+                                    "nothing more was written; retry the operation")
+
+    def write_manifest(self, manifest: dict) -> None:
+        self._require_lock()
+        self.storage.write(MANIFEST, _json_bytes(manifest))
+        self.manifest = manifest
 
     def append(self, table: pa.Table) -> int:
         """Append rows (one commit). Returns the new version."""
         import lance
 
         self._require_lock()
-        self.dataset = lance.write_dataset(table, self.dataset, mode="append", max_rows_per_file=self.fragment_rows)
+        self.dataset = lance.write_dataset(table, self.dataset, mode="append", max_rows_per_file=self.fragment_rows,
+                                           storage_options=self.storage.lance_options)
         return self.version
 
     def delete(self, where: str) -> int:
@@ -276,33 +266,22 @@ class Store:
     # -- audit log -----------------------------------------------------------------
 
     def audit(self, op: str, **fields: Any) -> dict:
-        """Append one fsync'd line to the audit log (inside `writing()`)."""
+        """Append one durable line to the audit log (inside `writing()`)."""
         self._require_lock()
         entry = {"ts": now_utc().isoformat(), "op": op, "version": self.version, "actor": _actor(), **fields}
-        line = json.dumps(entry, sort_keys=True, default=str)
-        with open(self.path / AUDIT, "a") as f:
-            f.write(line + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-            self._audit_state = (f.tell(), self.version)
+        self.storage.audit_append(json.dumps(entry, sort_keys=True, default=str))
+        self._audit_state = (self.storage.audit_state(), self.version)
         return entry
 
     def audit_entries(self) -> list[dict]:
-        path = self.path / AUDIT
-        if not path.exists():
-            return []
         out = []
-        with open(path) as f:
-            for line in f:
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError:
-                    # A torn last line from a crash mid-write: the commit it
-                    # described is re-derived by reconcile_audit.
-                    continue
+        for line in self.storage.audit_lines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                # A damaged line (the torn last line of a crash is already left out):
+                # the commit it described is re-derived by reconcile_audit.
+                continue
         return out
 
     def reconcile_audit(self) -> list[dict]:
@@ -312,19 +291,11 @@ class Store:
         recovered line says exactly what changed. Returns the lines written.
         """
         self._require_lock()
-        path = self.path / AUDIT
-        # Drop a torn trailing line so the log stays one JSON object per line.
-        if path.exists() and path.stat().st_size and not _ends_with_newline(path):
-            data = path.read_bytes()
-            if not data.endswith(b"\n"):
-                keep = data[: data.rfind(b"\n") + 1]
-                with open(path, "wb") as f:
-                    f.write(keep)
-                    f.flush()
-                    os.fsync(f.fileno())
+        # Drop a torn trailing line (cut off in place) so the log stays one JSON object per line.
+        self.storage.audit_repair()
         # Skip re-parsing the whole log when nobody else appended since our last line.
         state = self._audit_state
-        if state is not None and path.stat().st_size == state[0]:
+        if state is not None and self.storage.audit_state() == state[0]:
             audited = state[1]
         else:
             audited = max((int(e.get("version", 0)) for e in self.audit_entries()), default=0)
@@ -346,10 +317,7 @@ class Store:
             else:
                 fields.update(op="unknown", n=None)
             entry = {"ts": now_utc().isoformat(), "actor": _actor(), **fields}
-            with open(path, "a") as f:
-                f.write(json.dumps(entry, sort_keys=True) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+            self.storage.audit_append(json.dumps(entry, sort_keys=True))
             written.append(entry)
             prev_ids = ids
         return written
@@ -443,6 +411,8 @@ class Store:
             versions = [int(v) for v in versions if int(v) != self.version]
             if not versions:
                 return 0
+        self._mark_erasure()
+        if versions is not None:
             stats = self.dataset.cleanup_old_versions(versions=versions, delete_unverified=True)
         else:
             stats = self.dataset.cleanup_old_versions(
@@ -450,6 +420,14 @@ class Store:
             )
         self._checkout_latest()
         return int(stats.old_versions)
+
+    def _mark_erasure(self) -> None:
+        """Announce that old versions are about to go (see `ERASURES`)."""
+        import uuid
+
+        self._epoch = uuid.uuid4().hex
+        self.storage.write(ERASURES, json.dumps({"epoch": self._epoch, "version": self.version, "actor": _actor(),
+                                                 "ts": now_utc().isoformat()}).encode())
 
     def tags(self) -> dict[str, int]:
         """Tag name -> version."""
@@ -464,16 +442,22 @@ class Store:
         self.dataset.tags.delete(name)
 
     def salt(self) -> str:
-        """The memory's secret for salted id hashes in the audit log (made on first use)."""
+        """The memory's secret for salted id hashes in the audit log (made on first use, under the lock).
+
+        Read from the manifest as `writing()` re-read it on entry, so a process
+        that opened the memory before another one's first forget uses the salt
+        that forget wrote rather than making (and writing over it) a new one.
+        """
         salt = self.manifest.get("audit_salt")
         if salt is None:
             import secrets
 
             self._require_lock()
-            salt = secrets.token_hex(16)
-            manifest = json.loads((self.path / MANIFEST).read_text())
-            manifest["audit_salt"] = salt
-            write_json_atomic(self.path / MANIFEST, manifest)
+            manifest = _read_manifest(self.storage)
+            salt = manifest.get("audit_salt")
+            if salt is None:
+                salt = manifest["audit_salt"] = secrets.token_hex(16)
+                self.write_manifest(manifest)
             self.manifest = manifest
         return salt
 
@@ -485,18 +469,42 @@ def _addr_in(addresses: Sequence[int]) -> str:
     return "_rowaddr IN (" + ", ".join(str(int(a)) for a in addresses) + ")"
 
 
-def _ends_with_newline(path: Path) -> bool:
-    with open(path, "rb") as f:
-        f.seek(-1, os.SEEK_END)
-        return f.read(1) == b"\n"
-
-
-def _version_gone_message(path: Path, version, exc: Exception) -> str:
-    """Why ``version`` cannot be opened: a forget erased it, or it never existed."""
+def _read_epoch(storage: Storage) -> Optional[str]:
+    raw = storage.read(ERASURES)
     try:
-        entries = [json.loads(line) for line in (path / AUDIT).read_text().splitlines() if line.strip()]
-    except (OSError, json.JSONDecodeError):
-        entries = []
+        return json.loads(raw)["epoch"] if raw else None
+    except (ValueError, KeyError, TypeError):
+        return raw.hex() if raw else None  # unreadable: still a token that changes when the file does
+
+
+def _read_manifest(storage: Storage) -> dict:
+    where = storage.location
+    raw = storage.read(MANIFEST)
+    if raw is None:
+        missing = not storage.remote and not Path(where).exists()
+        what = "does not exist" if missing else "is not a visual-memory directory (no manifest.json)"
+        raise NotAMemoryError(f"{where}: {what}; create one with `vismem create {where}`")
+    try:
+        manifest = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise NotAMemoryError(f"{where}/{MANIFEST}: corrupt manifest ({exc})") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise NotAMemoryError(f"{where}: manifest is not a visual-memory manifest")
+    if manifest.get("format_version", 0) > FORMAT_VERSION:
+        raise VisualMemoryError(
+            f"{where}: memory format {manifest['format_version']} is newer than this visual-memory "
+            f"supports ({FORMAT_VERSION}); upgrade visual-memory"
+        )
+    return manifest
+
+
+def _version_gone_message(storage: Storage, version, exc: Exception) -> str:
+    """Why ``version`` cannot be opened: a forget erased it, or it never existed."""
+    path = storage.location
+    entries = []
+    for line in storage.audit_lines():
+        with contextlib.suppress(json.JSONDecodeError):
+            entries.append(json.loads(line))
     for e in entries:
         if e.get("op") == "forget" and version in (e.get("versions_erased") or []):
             return (

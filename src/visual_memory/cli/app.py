@@ -242,6 +242,9 @@ def parse_ks(text: str) -> list[int]:
 def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what the library does; show tracebacks.")) -> None:
     _state["verbose"] = verbose
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from ..progress import set_default
+
+    set_default(True)  # the library's inner loops (forget's scan, crash recovery on open) show bars
 
 
 def print_accuracy(result, title: str = "top-1 accuracy") -> None:

@@ -20,7 +20,7 @@ from .app import app, handle_errors, new_table, parse_ks, print_accuracy, print_
 @app.command()
 @handle_errors
 def create(
-    memory: Path = typer.Argument(..., help="Directory for the new memory."),
+    memory: str = typer.Argument(..., help="Directory (or object-store URI: s3://, gs://, az://) for the new memory."),
     encoder: str = typer.Option("efficientnet-lite0", "--encoder", "-e", help="Encoder name (see `vismem encoders`)."),
     index: str = typer.Option("Flat", "--index", help='FAISS index factory string ("Flat" = exact).'),
 ) -> None:
@@ -32,7 +32,7 @@ def create(
 @app.command()
 @handle_errors
 def add(
-    memory: Path = typer.Argument(..., help="Memory directory."),
+    memory: str = typer.Argument(..., help="Memory directory, or object-store URI (s3://, gs://, az://)."),
     paths: List[Path] = typer.Argument(..., help="Images, or folders (a folder without --label is an ImageFolder: one sub-folder per class)."),
     label: Optional[str] = typer.Option(None, "--label", "-l", help="Label for every image given."),
     source: Optional[str] = typer.Option(None, "--source", "-s", help="Provenance stored with each record (default: file path)."),
@@ -97,7 +97,7 @@ def gather_images(paths: Sequence[Path], label: Optional[str]) -> tuple[list[Pat
 @app.command()
 @handle_errors
 def classify(
-    memory: Path = typer.Argument(..., help="Memory directory."),
+    memory: str = typer.Argument(..., help="Memory directory, or object-store URI (s3://, gs://, az://)."),
     images: List[Path] = typer.Argument(..., dir_okay=False, help="Image files to classify."),
     k: int = typer.Option(50, "--k", "-k", min=1, help="Neighbours that vote (at most the memory's size are used)."),
     vote: str = typer.Option("rank", "--vote", help=f"One of: {', '.join(VOTES)}."),
@@ -135,7 +135,7 @@ def classify(
 @app.command()
 @handle_errors
 def info(
-    memory: Path = typer.Argument(..., help="Memory directory."),
+    memory: str = typer.Argument(..., help="Memory directory, or object-store URI (s3://, gs://, az://)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Count, labels, encoder, dimension, version and size on disk."""
@@ -158,7 +158,7 @@ def info(
 @app.command("eval")
 @handle_errors
 def eval_(
-    memory: Path = typer.Argument(..., help="Memory directory."),
+    memory: str = typer.Argument(..., help="Memory directory, or object-store URI (s3://, gs://, az://)."),
     folder: Path = typer.Argument(..., help="Labelled ImageFolder of queries (one sub-folder per class)."),
     k: str = typer.Option("1,10,20,50,100", "--k", help="Comma-separated k values (a k above the memory's size votes with every record)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON to this file."),

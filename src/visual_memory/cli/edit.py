@@ -35,7 +35,7 @@ def _selectors(ids, labels, source, where, images) -> dict:
 @app.command()
 @handle_errors
 def remove(
-    memory: Path = typer.Argument(..., help="Memory directory."),
+    memory: str = typer.Argument(..., help="Memory directory, or object-store URI (s3://, gs://, az://)."),
     ids: Optional[List[str]] = _ID,
     labels: Optional[List[str]] = _LABEL,
     source: Optional[str] = _SOURCE,
@@ -55,7 +55,7 @@ def remove(
 @app.command()
 @handle_errors
 def forget(
-    memory: Path = typer.Argument(..., help="Memory directory."),
+    memory: str = typer.Argument(..., help="Memory directory, or object-store URI (s3://, gs://, az://)."),
     ids: Optional[List[str]] = _ID,
     labels: Optional[List[str]] = _LABEL,
     source: Optional[str] = _SOURCE,
@@ -77,7 +77,7 @@ def forget(
 @app.command()
 @handle_errors
 def relabel(
-    memory: Path = typer.Argument(..., help="Memory directory."),
+    memory: str = typer.Argument(..., help="Memory directory, or object-store URI (s3://, gs://, az://)."),
     label: str = typer.Argument(..., help="The new label."),
     ids: List[str] = typer.Option(..., "--id", help="Record id (repeat for several)."),
     lock_timeout: float = _LOCK,
@@ -91,7 +91,7 @@ def relabel(
 @app.command(context_settings={"ignore_unknown_options": True})
 @handle_errors
 def reweight(
-    memory: Path = typer.Argument(..., help="Memory directory."),
+    memory: str = typer.Argument(..., help="Memory directory, or object-store URI (s3://, gs://, az://)."),
     weight: float = typer.Argument(..., help="Vote weight >= 0 (0: never votes, stays inspectable; 1: default)."),
     ids: List[str] = typer.Option(..., "--id", help="Record id (repeat for several)."),
     lock_timeout: float = _LOCK,
@@ -104,7 +104,7 @@ def reweight(
 @app.command()
 @handle_errors
 def history(
-    memory: Path = typer.Argument(..., help="Memory directory."),
+    memory: str = typer.Argument(..., help="Memory directory, or object-store URI (s3://, gs://, az://)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Versions and the mutation that made each (from the audit log), with tags."""
@@ -125,7 +125,7 @@ def history(
 @app.command()
 @handle_errors
 def tag(
-    memory: Path = typer.Argument(..., help="Memory directory."),
+    memory: str = typer.Argument(..., help="Memory directory, or object-store URI (s3://, gs://, az://)."),
     name: Optional[str] = typer.Argument(None, help="Tag name (omit to list tags)."),
     version: Optional[int] = typer.Option(None, "--version", help="Version to tag (default: the current one)."),
     delete: bool = typer.Option(False, "--delete", help="Remove the tag instead."),
@@ -146,7 +146,7 @@ def tag(
 @app.command()
 @handle_errors
 def optimize(
-    memory: Path = typer.Argument(..., help="Memory directory."),
+    memory: str = typer.Argument(..., help="Memory directory, or object-store URI (s3://, gs://, az://)."),
     prune_days: Optional[float] = typer.Option(
         None, "--prune-older-than", min=0, help="Also delete versions older than this many days (0: all but the current and tagged ones)."
     ),

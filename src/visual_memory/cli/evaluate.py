@@ -15,7 +15,7 @@ from .app import app, handle_errors, new_table, parse_ks, print_json, print_tabl
 @app.command()
 @handle_errors
 def prune(
-    memory: Path = typer.Argument(..., help="Memory directory."),
+    memory: str = typer.Argument(..., help="Memory directory, or object-store URI (s3://, gs://, az://)."),
     hard: bool = typer.Option(False, "--hard", help="Records with wrong >= --threshold stop voting (weight 0)."),
     soft: bool = typer.Option(False, "--soft", help="Weight = c / (1 + wrong) over the top 10 (records never wrong keep 1)."),
     undo: bool = typer.Option(False, "--undo", help="Restore the weights from before the last prune."),
@@ -43,7 +43,7 @@ def prune(
 @app.command("label-issues")
 @handle_errors
 def label_issues(
-    memory: Path = typer.Argument(..., help="Memory directory."),
+    memory: str = typer.Argument(..., help="Memory directory, or object-store URI (s3://, gs://, az://)."),
     k: int = typer.Option(100, "--k", "-k", min=1, help="Self-neighbours that vote (softmax) on each record's label."),
     top: int = typer.Option(20, "--top", "-n", min=0, help="Show at most this many."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON (with each record's neighbours)."),
@@ -68,7 +68,7 @@ def label_issues(
 @app.command("export-neighbors")
 @handle_errors
 def export_neighbors(
-    memory: Path = typer.Argument(..., help="Memory directory."),
+    memory: str = typer.Argument(..., help="Memory directory, or object-store URI (s3://, gs://, az://)."),
     folder: Path = typer.Argument(..., help="ImageFolder of queries (one sub-folder per class)."),
     out: Path = typer.Argument(..., help="JSON file to write (the paper authors' neighbour format)."),
     k: int = typer.Option(100, "--k", "-k", min=1, help="Neighbours per query."),

@@ -27,7 +27,7 @@ def _is_loopback(host: str) -> bool:
 @app.command()
 @handle_errors
 def serve(
-    memory: Path = typer.Argument(..., help="Memory directory."),
+    memory: str = typer.Argument(..., help="Memory directory, or object-store URI (s3://, gs://, az://)."),
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on (127.0.0.1 = this machine only)."),
     port: int = typer.Option(8000, "--port", min=0, max=65535, help="TCP port."),
     token: Optional[str] = typer.Option(
@@ -83,7 +83,7 @@ def serve(
 @app.command()
 @handle_errors
 def explain(
-    memory: Path = typer.Argument(..., help="Memory directory."),
+    memory: str = typer.Argument(..., help="Memory directory, or object-store URI (s3://, gs://, az://)."),
     image: Path = typer.Argument(..., dir_okay=False, help="The image file to explain."),
     html: Optional[Path] = typer.Option(None, "--html", help="Write a self-contained HTML explanation here."),
     k: int = typer.Option(10, "--k", "-k", min=1, help="Neighbours that vote (and are shown)."),

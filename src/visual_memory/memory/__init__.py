@@ -81,7 +81,8 @@ class Memory:
     # -- properties ----------------------------------------------------------------
 
     @property
-    def path(self) -> Path:
+    def path(self) -> Path | str:
+        """The memory directory (a `Path`), or its object-store URI (a str)."""
         return self._store.path
 
     @property
@@ -132,11 +133,36 @@ class Memory:
     @property
     def labels(self) -> dict[str, int]:
         """Record count per label, largest first."""
+        self._fresh()
         return self._state.rows.label_counts()
 
     def ids(self) -> list[str]:
         """Ids of the live records, in row order."""
+        self._fresh()
         return self._state.rows.alive_ids()
+
+    #: Before each read (`search`, `classify`, `get`, `records`, `ids`, `labels`,
+    #: `info`, `vectors`), check whether another process erased old versions
+    #: (`forget`, `optimize` with cleanup) and if so move to the newest version,
+    #: so no read returns a forgotten record once the forget has returned. The
+    #: check is one small file read (a GET on object storage). ``len()`` and
+    #: ``in`` answer from the loaded version without it. A caller that shares
+    #: one Memory between threads (the server) sets this False and calls
+    #: `follow_erasures` under its own lock instead.
+    auto_follow_erasures: bool = True
+
+    def erased_since_loaded(self) -> bool:
+        """Whether another process erased old versions since this memory last moved (read-only check)."""
+        return self._store.erased_since_loaded()
+
+    def follow_erasures(self) -> bool:
+        """Move to the newest version if another process erased old ones; True if it did."""
+        return self._state.follow_erasures()
+
+    def _fresh(self) -> None:
+        if self.auto_follow_erasures:
+            self._state.follow_erasures()
+        self._state.sync()
 
     @property
     def rows(self) -> RowTable:
@@ -163,7 +189,7 @@ class Memory:
         exact in-RAM index, which holds them bit for bit), never a lossy
         index's reconstruction.
         """
-        self._state.sync()
+        self._fresh()
         return self._state.vectors(self._state.rows.alive_rows() if rows is None else rows)
 
     RECORD_COLUMNS = ("id", "label", "source", "weight", "added_at", "metadata")
@@ -177,6 +203,7 @@ class Memory:
             Listing the ids that are not in the memory (nothing else is read).
         """
         ids = [ids] if isinstance(ids, str) else list(ids)
+        self._fresh()
         missing = [i for i in ids if i not in self]
         if missing:
             raise UnknownIdError(f"{len(missing)} unknown id(s): {missing[:5]}")
@@ -184,6 +211,9 @@ class Memory:
             return []
         cols = list(dict.fromkeys(["id", *columns]))
         rows = {r["id"]: r for r in self._read(cols, sql_in("id", ids))}
+        gone = [i for i in ids if i not in rows]  # forgotten by another process while this read ran
+        if gone:
+            raise UnknownIdError(f"{len(gone)} unknown id(s): {gone[:5]}")
         return [self._decode_record(rows[i], columns) for i in ids]
 
     def records(
@@ -204,11 +234,12 @@ class Memory:
             raise ValueError("offset and limit must be >= 0")
         filters = [f for f in (f"label = {sql_quote(label)}" if label is not None else None, where) if f]
         flt = " AND ".join(f"({f})" for f in filters) or None
-        table = self._store.dataset.to_table(columns=list(columns), filter=flt, offset=offset, limit=limit)
+        self._fresh()
+        table = self._store.read_table(list(columns), where=flt, offset=offset, limit=limit)
         return [self._decode_record(r, columns) for r in table.to_pylist()]
 
     def _read(self, columns: list[str], where: str) -> list[dict]:
-        return self._store.dataset.to_table(columns=columns, filter=where).to_pylist()
+        return self._store.read_table(columns, where=where).to_pylist()
 
     @staticmethod
     def _decode_record(row: dict, columns: Sequence[str]) -> dict:
@@ -221,6 +252,7 @@ class Memory:
 
     def info(self) -> dict[str, Any]:
         """Summary: count, labels with counts, encoder, dim, version, size on disk."""
+        self._fresh()
         enc = self._store.manifest["encoder"]
         return {
             "path": str(self.path),
@@ -375,7 +407,7 @@ class Memory:
         """
         check_k(k)
         q = self._query_vectors(queries, progress)
-        self._state.sync()
+        self._fresh()
         return self._state.index.search(q, max(1, min(k, len(self))), params=params)
 
     def kneighbors(self, queries, *, k: int = 50, progress: bool | str = False,
@@ -624,20 +656,26 @@ class Memory:
                               lock_timeout=lock_timeout)
 
     def forget(self, *, ids: Optional[IdsLike] = None, label: Optional[IdsLike] = None, source: Optional[str] = None,
-               where: Optional[str] = None, images=None, verify: bool = True, lock_timeout: float = 0.0) -> ForgetReceipt:
+               where: Optional[str] = None, images=None, verify: bool = True, lock_timeout: float = 0.0,
+               progress: bool | str | None = None) -> ForgetReceipt:
         """Remove records, then erase every byte of them from the memory directory.
 
         Same selectors as `remove`; ``ids``/``images`` may also name records
         removed earlier whose bytes are still on disk. When this returns, no
-        file under the memory directory holds the records' vectors, ids,
-        labels-with-ids, sources, metadata or thumbnails: not the records
-        table, its older versions or deletion files, nor the audit log (which
-        keeps a salted hash of each id). Versions that held the records are
+        file under the memory directory (or object-store prefix) holds the
+        records' vectors, ids, labels-with-ids, sources, metadata or
+        thumbnails: not the records table, its older versions or deletion
+        files, nor the audit log (which keeps a salted hash of each id and
+        drops the labels and sources that described them; see
+        `visual_memory.erasure`). Versions that held the records are
         deleted (opening one names the forget that erased it); tags on them
         are dropped. The in-RAM vectors are zeroed too.
 
         Cost: one rewrite of each ~64 MB data file that held a record, plus a
-        scan of every file for the proof (``verify=False`` skips the scan).
+        scan of every file for the proof (``verify=False`` skips the scan),
+        shown by a progress bar (``progress``; None: the CLI's default, else
+        log lines). Every vector the user's embedding cache holds under a
+        forgotten id is purged too (`visual_memory.cache.purge`).
         A crash part-way is finished by the next writer or `visual_memory.open`.
 
         Returns
@@ -655,7 +693,7 @@ class Memory:
             If the verification scan still finds bytes of the records (with the receipt).
         """
         return editing.forget(self._state, ids=ids, label=label, source=source, where=where, images=images,
-                              verify=verify, lock_timeout=lock_timeout)
+                              verify=verify, lock_timeout=lock_timeout, progress=progress)
 
     def relabel(self, ids: IdsLike, label: str, *, lock_timeout: float = 0.0) -> EditResult:
         """Give records a new label (one version; votes use it at once).
@@ -759,19 +797,25 @@ def create(
     encoder: Optional[str | Encoder] = DEFAULT_ENCODER,
     index: str = "Flat",
     dim: Optional[int] = None,
+    storage_options: Optional[dict] = None,
 ) -> Memory:
     """Create an empty memory directory.
 
     Parameters
     ----------
     path : str or PathLike
-        A new or empty directory.
+        A new or empty directory, or an object-store URI (``s3://bucket/prefix``,
+        ``gs://``, ``az://``; ``file://`` is a local path).
     encoder : str, Encoder or None, default "efficientnet-lite0"
         A registered encoder name (see `vismem encoders`) or an encoder
         instance; its spec (preprocessing included) is written to the
         manifest. None makes a vectors-only memory of dimension ``dim``.
     index : str, default "Flat"
         FAISS index-factory string; "Flat" is exact search.
+    storage_options : dict, optional
+        Object storage settings in Lance's format (e.g. ``{"aws_endpoint": ...,
+        "allow_http": "true"}``); by default the usual environment (``AWS_*``, ...).
+        See `visual_memory.storage`.
 
     Raises
     ------
@@ -783,14 +827,14 @@ def create(
             raise ValueError("a memory without an encoder needs dim=<vector dimension>")
         index = validate_spec(index, dim)  # at the memory's real dimension, before touching disk
         spec = {"name": f"vectors-{dim}d", "dim": int(dim), "fingerprint": f"vectors-{dim}d"}
-        return Memory(Store.create(path, encoder=spec, index=index))
+        return Memory(Store.create(path, encoder=spec, index=index, storage_options=storage_options))
     enc = create_encoder(encoder) if isinstance(encoder, str) else encoder
     if not isinstance(enc, Encoder):
         raise TypeError(f"encoder must be a registered name or an Encoder; got {type(encoder).__name__}")
     if dim is not None and dim != enc.dim:
         raise ValueError(f"dim={dim} disagrees with encoder {enc.name!r} ({enc.dim}-d)")
     index = validate_spec(index, enc.dim)
-    return Memory(Store.create(path, encoder=enc.spec.to_dict(), index=index), enc)
+    return Memory(Store.create(path, encoder=enc.spec.to_dict(), index=index, storage_options=storage_options), enc)
 
 
 def open(  # noqa: A001 - mirrors lance.dataset / io.open naming users expect
@@ -799,12 +843,14 @@ def open(  # noqa: A001 - mirrors lance.dataset / io.open naming users expect
     version: Optional[int | str] = None,
     encoder: Optional[str | Encoder] = None,
     read_only: bool = False,
+    storage_options: Optional[dict] = None,
 ) -> Memory:
     """Open an existing memory.
 
     Parameters
     ----------
     path : str or PathLike
+        A memory directory or object-store URI (see `create`).
     version : int or str, optional
         Read an earlier version (read-only): a version number or a tag name
         (`Memory.tag`). Versions a `forget` erased cannot be opened.
@@ -812,13 +858,15 @@ def open(  # noqa: A001 - mirrors lance.dataset / io.open naming users expect
         Assert the memory was made with this encoder (raises
         `EncoderMismatchError` if not); by default the manifest's encoder is
         loaded lazily on the first image operation.
+    storage_options : dict, optional
+        Object storage settings (see `create`).
 
     Raises
     ------
     NotAMemoryError
         If ``path`` is not a memory directory.
     """
-    store = Store.open(path, version=version, read_only=read_only)
+    store = Store.open(path, version=version, read_only=read_only, storage_options=storage_options)
     mem = Memory(store)
     if not store.read_only:
         editing.finish_pending_forget(mem._state)

@@ -182,7 +182,7 @@ def remove(state: MemoryState, *, ids=None, label=None, source=None, where=None,
 
 
 def forget(state: MemoryState, *, ids=None, label=None, source=None, where=None, images=None, verify: bool = True,
-           lock_timeout: float = 0.0) -> ForgetReceipt:
+           lock_timeout: float = 0.0, progress: bool | str | None = None) -> ForgetReceipt:
     with state.writing(timeout=lock_timeout):
         st = state.store
         rows, past, kinds = select(state, ids=ids, label=label, source=source, where=where, images=images, historic=True)
@@ -191,22 +191,20 @@ def forget(state: MemoryState, *, ids=None, label=None, source=None, where=None,
         live_ids = [state.rows.ids[r] for r in rows.tolist()]
         # The proof scans for the stored vectors' bytes, so they come from the store, never a lossy index.
         vectors = dict(zip(live_ids, state.vectors(rows))) if verify else None
-        if verify and past:
-            for v in sorted({int(e["version"]) for e in st.audit_entries() if erasure._mentions(e, set(past))}):
+        past_versions = sorted({int(e["version"]) for e in st.audit_entries() if erasure._mentions(e, set(past))}) if past else []
+        if verify:
+            for v in past_versions:
                 vectors.update({k: x for k, x in erasure.vectors_at(st, past, v).items() if k not in vectors})
         addrs = state.addresses(rows)
-        journal = erasure.begin(st, live_ids + past, selector=kinds)
+        journal = erasure.begin(st, live_ids + past, selector=kinds, past_versions=past_versions)
 
         # Rows removed earlier still hold their vectors in RAM (tombstoned): erase them too.
         past_set = set(past)
         dead_rows = [r for r, i in enumerate(state.rows.ids) if i in past_set] if past else []
         ram_rows = np.concatenate([rows, np.asarray(dead_rows, np.int64)])
 
-        def live() -> list[str]:
-            return state.rows.alive_ids() + state.rows.labels.names
-
         try:
-            receipt = erasure.run(st, journal, addresses=addrs, vectors=vectors, verify_scan=verify, live=live,
+            receipt = erasure.run(st, journal, addresses=addrs, vectors=vectors, verify_scan=verify, progress=progress,
                                   on_deleted=lambda: state.remove_rows(ram_rows, erase=True))
         finally:
             state.committed()
@@ -216,7 +214,7 @@ def forget(state: MemoryState, *, ids=None, label=None, source=None, where=None,
 
 def finish_pending_forget(state: MemoryState) -> None:
     """Finish a forget a crash interrupted, if the lock is free (else leave it to the next writer)."""
-    if not erasure.pending(state.store.path):
+    if not erasure.pending(state.store.storage):
         return
     try:
         with state.writing(timeout=0.0):

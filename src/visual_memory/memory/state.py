@@ -109,6 +109,18 @@ class MemoryState:
             return None
         return [f for f in ds.get_fragments() if f.fragment_id not in before]
 
+    def follow_erasures(self) -> bool:
+        """Move to the newest version if another process erased old ones (forget, optimize); True if it did.
+
+        Checked before every read, so no read answers from a version that a
+        finished forget erased (its records would still be in RAM).
+        """
+        if not self.store.erased_since_loaded():
+            return False
+        self.store.refresh()
+        self.sync()
+        return True
+
     @contextlib.contextmanager
     def writing(self, *, timeout: float = 0.0) -> Iterator["MemoryState"]:
         """Hold the writer lock, finish an interrupted forget, and catch up with other writers."""

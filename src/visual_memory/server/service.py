@@ -4,7 +4,14 @@
 arrays one after another. The server therefore guards it with a
 readers-writer lock: any number of classify/browse requests run together,
 a mutation runs alone, and a reader sees the memory either wholly before or
-wholly after a mutation, never half-way. The expensive part of a classify,
+wholly after a mutation, never half-way.
+
+Another process's `forget` (or `optimize` with cleanup) deletes old versions:
+every request first checks the memory's erasure marker (one small read) and,
+when it changed, moves the memory to the newest version under the write lock
+before reading, so no request started after a forget returned sees the
+forgotten records, and none reads files that are gone (a read already running
+when they go falls back to the newest version: `Store.read_table`). The expensive part of a classify,
 embedding the uploaded image, happens *outside* the lock, so readers queue
 behind a writer only for the search itself.
 """
@@ -78,10 +85,16 @@ class MemoryService:
 
     def __init__(self, memory: Memory, *, refresh_every: float = 1.0) -> None:
         self.memory = memory
+        memory.auto_follow_erasures = False  # moved here, under the write lock, never inside a shared read
         self.lock = RWLock()
         self._refresh_every = refresh_every
         self._checked = time.monotonic()
         self._check_mutex = threading.Lock()
+
+    def _follow_erasures(self) -> None:
+        if self.memory.erased_since_loaded():
+            with self.lock.write():
+                self.memory.follow_erasures()
 
     def _maybe_refresh(self) -> None:
         # The check itself touches the shared Lance dataset object, which must
@@ -100,6 +113,7 @@ class MemoryService:
 
     @contextlib.contextmanager
     def reading(self) -> Iterator[Memory]:
+        self._follow_erasures()
         self._maybe_refresh()
         with self.lock.read():
             yield self.memory
