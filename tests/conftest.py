@@ -15,6 +15,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("VISMEM_PROGRESS", "0")
+# scikit-learn's estimator checks include an array-API check that runs only when SciPy's
+# array-API support is on; SciPy reads this once, at import, so it is set before anything imports it.
+os.environ.setdefault("SCIPY_ARRAY_API", "1")
 
 
 def data_root() -> Path:

@@ -46,6 +46,11 @@ def subprocess_env() -> dict:
 # the shared machine's memory with it. (Set in the child: a preexec_fn would fork a process
 # that holds Lance's runtime.)
 VISMEM = "import resource; resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30)); from visual_memory.cli import app; app()"
+# The child writes its own peak RSS at exit. VmHWM belongs to its address space (exec starts a new
+# one); wait4's ru_maxrss would also count the test process's pages it shared between fork and exec,
+# so it grew with whatever the tests before had left in this process (1.8 GB in a full run).
+HWM = ("import atexit, os; atexit.register(lambda: open(os.environ['VISMEM_TEST_HWM'], 'w').write("
+       "next(line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM')))); ")
 
 
 def test_every_input_type_refuses_extreme_aspect_ratios_from_the_header(tmp_path):
@@ -95,16 +100,16 @@ def test_vismem_add_of_a_100000x1_png_fails_fast_and_changes_nothing(tmp_path):
     before = (len(mem), mem.version)
     with open(tmp_path / "stderr", "w+") as err:
         child = subprocess.Popen(
-            [sys.executable, "-c", VISMEM, "add", str(tmp_path / "m.vm"), str(wide), "--label", "x"],
-            stdout=subprocess.DEVNULL, stderr=err, env=subprocess_env(),
+            [sys.executable, "-c", HWM + VISMEM, "add", str(tmp_path / "m.vm"), str(wide), "--label", "x"],
+            stdout=subprocess.DEVNULL, stderr=err, env={**subprocess_env(), "VISMEM_TEST_HWM": str(tmp_path / "hwm")},
         )
-        _, status, usage = os.wait4(child.pid, 0)  # this child's own peak RSS, not the test process's
-        child.returncode = os.waitstatus_to_exitcode(status)
+        child.wait()
         err.seek(0)
         stderr = err.read()
     assert child.returncode == 2, (child.returncode, stderr[-2000:])
     assert "wide.png: 100000x1 has an aspect ratio of 100000:1, above the limit of 50:1" in stderr, stderr
-    assert usage.ru_maxrss / 1024 < 1500, usage.ru_maxrss  # KB; was 15-21 GB, a normal add peaks at ~300 MB
+    peak_kb = int((tmp_path / "hwm").read_text())
+    assert peak_kb / 1024 < 1500, peak_kb  # was 15-21 GB, a normal add peaks at ~300 MB
     mem.refresh()
     assert (len(mem), mem.version) == before
 

@@ -6,6 +6,7 @@ Needs Debian's `chromium` (/usr/bin/chromium) and Playwright's Python package
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import httpx
@@ -48,6 +49,20 @@ def card(page, rank: int):
     return page.locator("[data-testid=neighbor]").nth(rank)
 
 
+def preview_lines(page, rank: int) -> list[str]:
+    """Wait for a card's edit preview (a dry run) and return its lines."""
+    box = card(page, rank).locator("[data-testid=preview]")
+    box.wait_for(state="visible")
+    return box.locator("[data-testid=preview-line]").all_inner_texts()
+
+
+def predicted_after(lines: list[str], before: str) -> str:
+    """What the preview says the query's prediction becomes."""
+    mine = [t for t in lines if t.startswith("this image")]
+    assert len(mine) == 1, lines
+    return before if "stays the same" in mine[0] else mine[0].rsplit(" → ", 1)[1]
+
+
 def test_classify_relabel_forget_add_browse_audit(browser, server, cifar_root):
     api = httpx.Client(base_url=server.url, timeout=30)
     page = browser.new_page(viewport={"width": 1280, "height": 900})
@@ -67,26 +82,39 @@ def test_classify_relabel_forget_add_browse_audit(browser, server, cifar_root):
     assert [card(page, i).get_attribute("data-id") for i in range(10)] == [n["id"] for n in want["neighbors"]]
     assert "sim" in card(page, 0).inner_text() and "contribution" in card(page, 0).inner_text()
 
-    # 2. Relabel the nearest neighbour: the prediction is recomputed and shows it.
+    # 2. Relabel the nearest neighbour: a preview first (nothing written), then the edit on confirm;
+    #    the prediction is recomputed and is what the preview said it would be.
     first = card(page, 0).get_attribute("data-id")
+    first_label = card(page, 0).get_attribute("data-label")
     card(page, 0).locator("[data-testid=relabel-input]").fill("zeppelin")
     card(page, 0).locator("[data-testid=relabel]").click()
+    lines = preview_lines(page, 0)
+    assert lines[0] == f"label {first_label} → zeppelin"
+    will_be = predicted_after(lines, want["label"])
+    assert api.get(f"/records/{first}").json()["label"] == first_label  # only previewed
+    assert api.get("/stats").json()["version"] == want["version"]
+    card(page, 0).locator("[data-testid=confirm]").click()
     page.wait_for_function("document.querySelector('[data-testid=neighbor]').dataset.label === 'zeppelin'")
+    assert page.text_content("[data-testid=prediction]") == will_be
     assert page.locator("[data-testid=bars] .bar[data-label=zeppelin]").count() == 1
     shown_version = int(page.text_content("[data-testid=prediction-meta]").rsplit("version ", 1)[1])
     assert shown_version > want["version"]
     assert api.get(f"/records/{first}").json()["label"] == "zeppelin"
 
-    # 3. Down-weight it: its weight halves in the gallery.
+    # 3. Down-weight it (preview, confirm): its weight halves in the gallery.
     card(page, 0).locator("[data-testid=downweight]").click()
+    assert preview_lines(page, 0)[0] == "weight 1 → 0.5"
+    card(page, 0).locator("[data-testid=confirm]").click()
     page.wait_for_function("document.querySelector('[data-testid=neighbor] .nums').textContent.includes('w 0.5')")
     assert api.get(f"/records/{first}").json()["weight"] == 0.5
 
-    # 4. Forget the second neighbour (two clicks): gone from the gallery and from the API.
+    # 4. Forget the second neighbour (preview, then "erase for good"): gone from the gallery and from the API.
     second = card(page, 1).get_attribute("data-id")
     card(page, 1).locator("[data-testid=forget]").click()
-    assert page.locator(f"[data-testid=neighbor][data-id='{second}']").count() == 1  # first click only asks
-    card(page, 1).locator("[data-testid=forget]").click()
+    assert preview_lines(page, 1)[0].startswith("erases ")
+    assert page.locator(f"[data-testid=neighbor][data-id='{second}']").count() == 1  # the first click only previews
+    assert api.get(f"/records/{second}").status_code == 200
+    card(page, 1).locator("[data-testid=confirm]").click()
     page.wait_for_selector(f"[data-testid=neighbor][data-id='{second}']", state="detached")
     assert page.locator("[data-testid=neighbor]").count() == 10  # the next-nearest moved up
     assert api.get(f"/records/{second}").status_code == 404
@@ -117,6 +145,32 @@ def test_classify_relabel_forget_add_browse_audit(browser, server, cifar_root):
     ops = page.eval_on_selector_all("[data-testid=audit] tr", "rows => rows.map(r => r.dataset.op)")
     assert ops[:4] == ["add", "forget", "reweight", "relabel"]
     assert errors == []
+    page.close()
+
+
+def test_preview_then_cancel_changes_nothing(browser, server, cifar_root):
+    """A preview is a dry run: the API's answer, shown in the card; cancel leaves the memory as it was."""
+    api = httpx.Client(base_url=server.url, timeout=30, headers={"Authorization": f"Bearer {TOKEN}"})
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(f"{server.url}/#token={TOKEN}")
+    query = cifar_root / "val" / "airplane" / "4501.jpg"
+    page.set_input_files("[data-testid=file]", str(query))
+    page.wait_for_selector("[data-testid=neighbor]")
+    before = api.get("/history").json()["total"], api.get("/stats").json()["version"]
+    shown = page.text_content("[data-testid=prediction]")
+    # Relabel the nearest neighbour to a new class, previewed: the card shows what the API's dry run says.
+    rid = card(page, 0).get_attribute("data-id")
+    card(page, 0).locator("[data-testid=relabel-input]").fill("blimp")
+    card(page, 0).locator("[data-testid=relabel]").click()
+    lines = preview_lines(page, 0)
+    sha = hashlib.sha256(query.read_bytes()).hexdigest()
+    dry = api.post("/relabel", json={"ids": [rid], "label": "blimp", "dry_run": {"probe": [sha], "k": 10, "vote": "rank"}}).json()
+    assert dry["dry_run"] is True and [c["id"] for c in dry["changes"]] == [rid]
+    assert predicted_after(lines, shown) == (dry["probe"]["changes"][0]["after"] if dry["probe"]["changes"] else shown)
+    card(page, 0).locator("[data-testid=cancel]").click()
+    assert card(page, 0).locator("[data-testid=preview]").is_hidden()
+    assert (api.get("/history").json()["total"], api.get("/stats").json()["version"]) == before
+    assert api.get(f"/records/{rid}").json()["label"] != "blimp"
     page.close()
 
 

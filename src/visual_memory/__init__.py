@@ -25,6 +25,7 @@ from .errors import (
     VisualMemoryError,
 )
 from .memory import Memory, create, open
+from .memory.preview import EditPreview, ProbeChange, ProbeDiff, RecordChange
 from .results import AddResult, EditResult, EvalResult, ForgetReceipt, Neighbor, OptimizeResult, Prediction, RemoveResult
 from .vote import VOTES
 
@@ -34,6 +35,7 @@ __all__ = [
     "AddResult",
     "DuplicateIdError",
     "EncoderError",
+    "EditPreview",
     "EditResult",
     "EncoderMismatchError",
     "ErasureError",
@@ -47,6 +49,9 @@ __all__ = [
     "NotAMemoryError",
     "OptimizeResult",
     "Prediction",
+    "ProbeChange",
+    "ProbeDiff",
+    "RecordChange",
     "RemoveResult",
     "SelectorError",
     "UnknownIdError",

@@ -213,7 +213,7 @@ def _alive_key(ids: list[str]) -> str:
     return h.hexdigest()[:32]
 
 
-def self_neighbors(mem: "Memory", *, k: int = HARD_K, progress: bool | str = False, cache: bool = True) -> SelfNeighbors:
+def self_neighbors(mem: "Memory", *, k: int = HARD_K, progress: bool | str = False, cache: bool | str = True) -> SelfNeighbors:
     """Exact self-neighbours of every record (self-match removed), cached.
 
     Parameters
@@ -227,7 +227,7 @@ def self_neighbors(mem: "Memory", *, k: int = HARD_K, progress: bool | str = Fal
         Read and write ``MEMORY/cache/self-neighbors-<key>.npz``; the key is a
         hash of the alive record ids, so any add or remove invalidates it and a
         relabel or reweight does not. A cached result with a larger k serves
-        smaller ones.
+        smaller ones. ``"read"``: use a cached result but write none (dry runs).
 
     Returns
     -------
@@ -252,7 +252,7 @@ def self_neighbors(mem: "Memory", *, k: int = HARD_K, progress: bool | str = Fal
         if hit is not None:
             return SelfNeighbors(rows, hit[0][:, :want], hit[1][:, :want], mem.version)
     sims, nbrs = exact_self_neighbors(mem.vectors(rows), want, progress=progress)
-    if path is not None:
+    if path is not None and cache != "read":
         _save_cache(path, nbrs, sims)
     return SelfNeighbors(rows, nbrs, sims, mem.version)
 
@@ -317,9 +317,9 @@ class Reliability:
         }
 
 
-def reliability(mem: "Memory", *, k: int = SOFT_K, progress: bool | str = False) -> Reliability:
-    """``wrong``, ``right`` and ``agreement`` for every record, over the top ``k`` self-neighbours."""
-    sn = self_neighbors(mem, k=max(k, 1), progress=progress)
+def reliability(mem: "Memory", *, k: int = SOFT_K, progress: bool | str = False, cache: bool | str = True) -> Reliability:
+    """``wrong``, ``right`` and ``agreement`` for every record, over the top ``k`` self-neighbours (``cache``: as `self_neighbors`)."""
+    sn = self_neighbors(mem, k=max(k, 1), progress=progress, cache=cache)
     table = mem.rows
     codes = table.codes[sn.rows]
     wrong, right, agreement = neighbor_counts(codes, sn.nbrs, k)
@@ -371,6 +371,7 @@ def plan(
     k: Optional[int] = None,
     c: float = SOFT_C,
     progress: bool | str = False,
+    cache: bool | str = True,
 ) -> PrunePlan:
     """The weights that pruning gives the records (nothing is written).
 
@@ -389,6 +390,8 @@ def plan(
         Neighbours counted per record: default 10 (soft, as in the paper), 100 (hard).
     c : float, default 1.75
         Soft-pruning constant.
+    cache : bool or "read", default True
+        Self-neighbour cache use (`self_neighbors`); ``"read"`` writes nothing.
 
     Returns
     -------
@@ -413,7 +416,7 @@ def plan(
     if mode == "soft":
         soft_weights(np.zeros(1), c)  # validates c before any work
     k = check_k(k if k is not None else (SOFT_K if mode == "soft" else HARD_K))
-    rel = reliability(mem, k=k, progress=progress)
+    rel = reliability(mem, k=k, progress=progress, cache=cache)
     new = (np.where(rel.wrong >= threshold, 0.0, 1.0) if mode == "hard" else soft_weights(rel.wrong, c)).astype(np.float32)
     params = {"k": k, "threshold": threshold} if mode == "hard" else {"k": k, "c": float(c)}
     pruned = int((new == 0).sum() if mode == "hard" else (new < 1).sum())

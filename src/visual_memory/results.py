@@ -284,6 +284,11 @@ class ForgetReceipt:
         user's embedding cache).
     recovered : bool
         True when this forget was completed on reopen after a crash.
+    near_threshold : float, optional
+        For ``forget(images=..., near=T)``: the cosine-similarity threshold T.
+    copies_found : int, optional
+        With ``near``: records erased for being within T of an image, besides
+        the images' own records (their copies).
     """
 
     erased: int
@@ -296,8 +301,11 @@ class ForgetReceipt:
     tags_dropped: list[str]
     verification: dict
     recovered: bool = False
+    near_threshold: Optional[float] = None
+    copies_found: Optional[int] = None
 
     def to_dict(self) -> dict:
+        near = {} if self.near_threshold is None else {"near_threshold": self.near_threshold, "copies_found": self.copies_found}
         return {
             "erased": self.erased,
             "id_hashes": list(self.id_hashes),
@@ -309,6 +317,7 @@ class ForgetReceipt:
             "tags_dropped": list(self.tags_dropped),
             "verification": dict(self.verification),
             "recovered": self.recovered,
+            **near,
         }
 
 

@@ -38,10 +38,19 @@ def add(
     source: Optional[str] = typer.Option(None, "--source", "-s", help="Provenance stored with each record (default: file path)."),
     skip_existing: bool = typer.Option(False, "--skip-existing", help="Skip images whose id is already present (default: refuse and add nothing)."),
     lock_timeout: float = typer.Option(0.0, "--lock-timeout", help="Seconds to wait for another writer."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Show what would be added and write nothing."),
+    probe: Optional[Path] = typer.Option(None, "--probe", file_okay=False,
+                                         help="With --dry-run: a folder of images; list every one whose prediction would change."),
+    as_json: bool = typer.Option(False, "--json", help="With --dry-run: print the preview as JSON."),
 ) -> None:
     """Add images (files or folders) to a memory: all of them, or nothing if any is bad."""
     mem = vm.open(memory)
     items, labels = gather_images(paths, label)
+    if dry_run:
+        from .edit import show_preview
+
+        return show_preview(mem.add(items, labels=labels, source=source, skip_existing=skip_existing, dry_run=True,
+                                    probe=probe), as_json=as_json)
     # One add for every path: each image is validated (and every id checked) before the first commit.
     r = mem.add(items, labels=labels, source=source, skip_existing=skip_existing, progress="adding images", lock_timeout=lock_timeout)
     msg = f"added {r.added} record(s)"

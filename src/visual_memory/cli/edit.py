@@ -20,6 +20,39 @@ _SOURCE = typer.Option(None, "--source", "-s", help="Every record with exactly t
 _WHERE = typer.Option(None, "--where", help="Lance SQL filter, e.g. \"weight < 0.5\".")
 _IMAGE = typer.Option(None, "--image", dir_okay=False, help="Image file whose content hash is the record id (repeatable).")
 _LOCK = typer.Option(0.0, "--lock-timeout", help="Seconds to wait for another writer.")
+_DRY = typer.Option(False, "--dry-run", help="Show what would change and write nothing (same version, same bytes).")
+_PROBE = typer.Option(None, "--probe", file_okay=False,
+                      help="With --dry-run: a folder of images; list every one whose prediction would change.")
+SHOWN = 50  # records listed in a preview table (all of them with --json)
+
+
+def show_preview(p, *, as_json: bool = False) -> None:
+    """Print an `EditPreview`: the records that would change, and the probe predictions that would."""
+    if as_json:
+        print_json(p.to_dict())
+        return
+    say(f"dry run: {p.op} would change {len(p)} record(s); nothing was written (version {p.version})")
+    if p.near is not None:
+        say(f"  {p.near['copies']} of them are copies (cosine >= {p.near['threshold']}) of the image(s) given")
+    if p.changes:
+        table = new_table("id", "label", "-> label", "weight", "-> weight", keep=("id", "label", "-> label"),
+                          right=("weight", "-> weight"))
+        gone = "(erased)" if p.op == "forget" else "(removed)"
+        for c in p.changes[:SHOWN]:
+            before = ["(new)" if v is None else str(v) for v in (c.label_before, c.weight_before)]
+            after = [gone if v is None else str(v) for v in (c.label_after, c.weight_after)]
+            table.add_row(c.id, before[0], after[0], before[1], after[1])
+        print_table(table)
+        if len(p.changes) > SHOWN:
+            say(f"  ... and {len(p.changes) - SHOWN} more (--json lists all)")
+    if p.skipped:
+        say(f"  {len(p.skipped)} already present, would be skipped")
+    if p.historic:
+        say(f"  also {len(p.historic)} removed earlier whose bytes are still on disk")
+    if p.probe is not None:
+        say(f"probe: {p.probe.n_changed} of {p.probe.n_probes} prediction(s) would change (k={p.probe.k}, {p.probe.vote} vote)")
+        for c in p.probe.changes:
+            say(f"  {c.name or c.probe}: {c.before} -> {c.after}")
 
 
 def _selectors(ids, labels, source, where, images) -> dict:
@@ -42,11 +75,16 @@ def remove(
     where: Optional[str] = _WHERE,
     images: Optional[List[Path]] = _IMAGE,
     lock_timeout: float = _LOCK,
+    dry_run: bool = _DRY,
+    probe: Optional[Path] = _PROBE,
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Remove records (selectors combine with AND); they stop voting at once."""
-    result = vm.open(memory).remove(**_selectors(ids, labels, source, where, images), lock_timeout=lock_timeout)
-    if as_json:
+    result = vm.open(memory).remove(**_selectors(ids, labels, source, where, images), lock_timeout=lock_timeout,
+                                    dry_run=dry_run, probe=probe)
+    if dry_run:
+        show_preview(result, as_json=as_json)
+    elif as_json:
         print_json(result.to_dict())
     else:
         say(f"removed {result.removed} record(s); version {result.version}")
@@ -61,12 +99,23 @@ def forget(
     source: Optional[str] = _SOURCE,
     where: Optional[str] = _WHERE,
     images: Optional[List[Path]] = _IMAGE,
+    near: Optional[float] = typer.Option(
+        None, "--near", min=-1.0, max=1.0,
+        help="With --image: also every record with cosine similarity >= this to the image (its copies). "
+        "0.9 suits efficientnet-lite0 (benchmarks/bench_near_duplicates.py). Check with --dry-run first."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the verification scan of every file."),
     receipt: Optional[Path] = typer.Option(None, "--receipt", help="Also write the receipt (JSON) to this file."),
     lock_timeout: float = _LOCK,
+    dry_run: bool = _DRY,
+    probe: Optional[Path] = _PROBE,
+    as_json: bool = typer.Option(False, "--json", help="With --dry-run: print the preview as JSON."),
 ) -> None:
     """Remove records and physically erase every byte of them; print the receipt (JSON)."""
-    result = vm.open(memory).forget(**_selectors(ids, labels, source, where, images), verify=not no_verify, lock_timeout=lock_timeout)
+    result = vm.open(memory).forget(**_selectors(ids, labels, source, where, images), near=near, verify=not no_verify,
+                                    lock_timeout=lock_timeout, dry_run=dry_run, probe=probe)
+    if dry_run:
+        show_preview(result, as_json=as_json)
+        return
     data = result.to_dict()
     if receipt is not None:
         receipt.parent.mkdir(parents=True, exist_ok=True)
@@ -81,9 +130,14 @@ def relabel(
     label: str = typer.Argument(..., help="The new label."),
     ids: List[str] = typer.Option(..., "--id", help="Record id (repeat for several)."),
     lock_timeout: float = _LOCK,
+    dry_run: bool = _DRY,
+    probe: Optional[Path] = _PROBE,
+    as_json: bool = typer.Option(False, "--json", help="With --dry-run: print the preview as JSON."),
 ) -> None:
     """Give records a new label."""
-    r = vm.open(memory).relabel(ids, label, lock_timeout=lock_timeout)
+    r = vm.open(memory).relabel(ids, label, lock_timeout=lock_timeout, dry_run=dry_run, probe=probe)
+    if dry_run:
+        return show_preview(r, as_json=as_json)
     say(f"relabelled {r.changed} record(s) as {label!r}; version {r.version}")
 
 
@@ -95,9 +149,14 @@ def reweight(
     weight: float = typer.Argument(..., help="Vote weight >= 0 (0: never votes, stays inspectable; 1: default)."),
     ids: List[str] = typer.Option(..., "--id", help="Record id (repeat for several)."),
     lock_timeout: float = _LOCK,
+    dry_run: bool = _DRY,
+    probe: Optional[Path] = _PROBE,
+    as_json: bool = typer.Option(False, "--json", help="With --dry-run: print the preview as JSON."),
 ) -> None:
     """Set records' vote weight."""
-    r = vm.open(memory).reweight(ids, weight, lock_timeout=lock_timeout)
+    r = vm.open(memory).reweight(ids, weight, lock_timeout=lock_timeout, dry_run=dry_run, probe=probe)
+    if dry_run:
+        return show_preview(r, as_json=as_json)
     say(f"reweighted {r.changed} record(s) to {weight}; version {r.version}")
 
 

@@ -10,6 +10,7 @@ import typer
 import visual_memory as vm
 
 from .app import app, handle_errors, new_table, parse_ks, print_json, print_table, say
+from .edit import _DRY, _PROBE, show_preview
 
 
 @app.command()
@@ -24,6 +25,8 @@ def prune(
     c: float = typer.Option(1.75, "--c", help="Soft-pruning constant."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     lock_timeout: float = typer.Option(0.0, "--lock-timeout", help="Seconds to wait for another writer."),
+    dry_run: bool = _DRY,
+    probe: Optional[Path] = _PROBE,
 ) -> None:
     """Lower the vote weight of records that mislead their neighbours (audited, reversible)."""
     modes = [m for m, on in (("hard", hard), ("soft", soft), ("undo", undo)) if on]
@@ -31,7 +34,9 @@ def prune(
         raise typer.BadParameter("choose exactly one of --hard, --soft, --undo")
     mem = vm.open(memory)
     res = mem.prune(mode=modes[0], threshold=threshold, k=k, c=c, lock_timeout=lock_timeout,
-                    progress=False if as_json else "self-neighbours")
+                    progress=False if as_json else "self-neighbours", dry_run=dry_run, probe=probe)
+    if dry_run:
+        return show_preview(res, as_json=as_json)
     if as_json:
         print_json(res.to_dict())
         return

@@ -19,13 +19,14 @@ import numpy as np
 
 from .. import vote as voting
 from ..encoders import DEFAULT_ENCODER, Encoder, EncoderSpec, create_encoder
-from ..errors import EncoderMismatchError, UnknownIdError, VectorError
+from ..errors import EncoderMismatchError, SelectorError, UnknownIdError, VectorError
 from ..images import ImageLike, as_list
 from ..index import as_queries, check_k, validate_spec
 from ..results import AddResult, EditResult, EvalResult, ForgetReceipt, OptimizeResult, Prediction, RemoveResult
 from ..rows import RowTable
 from ..store import Store, sql_in, sql_quote
 from . import adding, editing
+from .preview import EditPreview
 from .state import MemoryState
 
 log = logging.getLogger(__name__)
@@ -295,7 +296,9 @@ class Memory:
         batch_size: Optional[int] = None,
         progress: bool | str = False,
         lock_timeout: float = 0.0,
-    ) -> AddResult:
+        dry_run: bool = False,
+        probe=None,
+    ) -> Union[AddResult, EditPreview]:
         """Embed images and add them as records.
 
         Parameters
@@ -327,15 +330,25 @@ class Memory:
         anything is written: one bad image leaves the memory unchanged. Records
         are then committed every 1,024 images, so a crash mid-way keeps what
         was committed (re-run with ``skip_existing=True`` to finish).
+        dry_run : bool, default False
+            Validate and check ids exactly as the add would, write nothing, and
+            return an `EditPreview` of the records it would add (and skip).
+        probe : folder, images or array of shape (n, dim), optional
+            With ``dry_run``: queries whose predictions the preview compares
+            before and after (k=50, rank vote; `EditPreview.with_probe` for others).
+            The images to add are embedded only then.
 
         Returns
         -------
-        AddResult(version, added, skipped)
+        AddResult(version, added, skipped), or EditPreview with ``dry_run``
         """
-        return adding.add_images(
+        self._check_probe(dry_run, probe)
+        result = adding.add_images(
             self._state, self.encoder, images, labels=labels, ids=ids, source=source, metadata=metadata,
             skip_existing=skip_existing, vectors=vectors, batch_size=batch_size, progress=progress, lock_timeout=lock_timeout,
+            dry_run=dry_run,
         )
+        return self._probed(result, probe)
 
     def add_embeddings(
         self,
@@ -348,7 +361,9 @@ class Memory:
         encoder: Optional[str | EncoderSpec | Encoder] = None,
         skip_existing: bool = False,
         lock_timeout: float = 0.0,
-    ) -> AddResult:
+        dry_run: bool = False,
+        probe=None,
+    ) -> Union[AddResult, EditPreview]:
         """Add precomputed embeddings as records (one commit).
 
         Parameters
@@ -363,15 +378,57 @@ class Memory:
             Where the vectors came from. If given, it must match the memory's
             encoder (name, or full fingerprint for a spec/encoder);
             vectors from another encoder live in another space.
+        dry_run, probe
+            As `add`.
 
         Returns
         -------
-        AddResult
+        AddResult, or EditPreview with ``dry_run``
         """
-        return adding.add_embeddings(
+        self._check_probe(dry_run, probe)
+        result = adding.add_embeddings(
             self._state, vectors, labels, ids=ids, source=source, metadata=metadata, encoder=encoder,
-            skip_existing=skip_existing, lock_timeout=lock_timeout,
+            skip_existing=skip_existing, lock_timeout=lock_timeout, dry_run=dry_run,
         )
+        return self._probed(result, probe)
+
+    # -- dry runs ------------------------------------------------------------------
+
+    @staticmethod
+    def _check_probe(dry_run: bool, probe) -> None:
+        if probe is not None and not dry_run:
+            raise ValueError("probe= goes with dry_run=True: it shows which predictions an edit *would* change")
+
+    def probe_vectors(self, probe) -> tuple[np.ndarray, Optional[list[str]]]:
+        """Embeddings of probe queries, and a name per probe (its file) where it has one.
+
+        ``probe`` is a folder (every image below it, sorted), one image or a
+        sequence of images (paths, bytes, PIL, uint8 arrays), or a float array
+        of shape (n, dim). Image files are embedded through the embedding cache.
+        """
+        from ..cache import embed_paths
+        from ..images import describe, list_images
+
+        if isinstance(probe, np.ndarray) and probe.dtype.kind == "f":
+            return as_queries(probe, self.dim, what="probe vectors"), None
+        if isinstance(probe, (str, os.PathLike)) and Path(probe).is_dir():
+            items = list_images(probe)
+            if not items:
+                raise ValueError(f"{probe}: no images found to probe with")
+        else:
+            items = as_list(probe)
+            if not items:
+                raise ValueError("probe is empty: give a folder, images or vectors")
+        names = [describe(it) for it in items]
+        if all(isinstance(it, (str, os.PathLike)) for it in items):
+            return embed_paths(self.encoder, [Path(it) for it in items]), names
+        return self.embed(items), names
+
+    def _probed(self, result, probe):
+        if probe is None or not isinstance(result, EditPreview):
+            return result
+        vectors, names = self.probe_vectors(probe)
+        return result.with_probe(vectors, names=names)
 
     # -- querying ------------------------------------------------------------------
 
@@ -516,6 +573,28 @@ class Memory:
         """Labels only (scikit-learn style): object array of shape (n_queries,)."""
         return np.array([p.label for p in self.classify(queries, k=k, vote=vote, **vote_params)], dtype=object)
 
+    def as_estimator(self, *, n_neighbors: int = 50, vote: str = "rank", **vote_params: float):
+        """A fitted scikit-learn classifier over this memory's records (`visual_memory.sklearn`).
+
+        ``predict(X)`` on embeddings equals ``classify(X, k=n_neighbors,
+        vote=vote)``'s labels; ``predict_proba`` gives each label's share of
+        the vote; ``classes_`` are the memory's labels, sorted. It sees later
+        edits to this `Memory` at once. Needs scikit-learn (the ``sklearn`` extra).
+
+        Parameters
+        ----------
+        n_neighbors : int, default 50
+        vote : str, default "rank"
+        **vote_params : alpha (rank), tau (softmax), xi (distance)
+
+        Returns
+        -------
+        visual_memory.sklearn.VisualMemoryClassifier
+        """
+        from ..sklearn import VisualMemoryClassifier
+
+        return VisualMemoryClassifier.from_memory(self, n_neighbors=n_neighbors, vote=vote, **vote_params)
+
     def predict_every_k(
         self, queries, *, ks: Sequence[int], votes: Sequence[str] = voting.VOTES, progress: bool | str = False,
         vote_params: Optional[dict[str, dict]] = None,
@@ -542,17 +621,29 @@ class Memory:
         return out
 
     def prune(self, *, mode: str = "soft", threshold: Optional[int] = None, k: Optional[int] = None, c: float = 1.75,
-              progress: bool | str = False, lock_timeout: float = 0.0):
+              progress: bool | str = False, lock_timeout: float = 0.0, dry_run: bool = False, probe=None):
         """Lower the vote weight of records that mislead their neighbours (audited, reversible).
 
         ``mode``: "soft" (weight min(1, c / (1 + wrong)) over the top 10),
         "hard" (weight 0 where wrong >= threshold, top 100) or "undo". See
         `visual_memory.prune.plan`. Returns a `PruneResult`; the change is one
         version and one audit line (op ``"prune"``, with the parameters).
+        ``dry_run`` returns an `EditPreview` of the weights that would change
+        (a cached self-neighbour result is used, none is written); ``probe``
+        as in `add`.
         """
         from .. import prune as pruning
+        from .preview import reweighting
 
-        plan = pruning.plan(self, mode=mode, threshold=threshold, k=k, c=c, progress=progress)
+        self._check_probe(dry_run, probe)
+        plan = pruning.plan(self, mode=mode, threshold=threshold, k=k, c=c, progress=progress,
+                            cache="read" if dry_run else True)
+        if dry_run:
+            if not plan.ids:  # nothing would change (and reweight refuses an empty id list)
+                with self._state.peeking():
+                    empty = reweighting(self._state, np.zeros(0, np.int64), np.zeros(0, np.float32), op="prune")
+                return self._probed(empty, probe)
+            return self._probed(editing.reweight(self._state, plan.ids, plan.weights, op="prune", dry_run=True), probe)
         before = self.version
         changed = 0
         if plan.ids:
@@ -612,7 +703,8 @@ class Memory:
     # -- editing -------------------------------------------------------------------
 
     def remove(self, *, ids: Optional[IdsLike] = None, label: Optional[IdsLike] = None, source: Optional[str] = None,
-               where: Optional[str] = None, images=None, lock_timeout: float = 0.0) -> RemoveResult:
+               where: Optional[str] = None, images=None, lock_timeout: float = 0.0, dry_run: bool = False,
+               probe=None) -> Union[RemoveResult, EditPreview]:
         """Remove records: they stop voting at once (one new version; bytes stay until `forget`/`optimize`).
 
         Parameters
@@ -630,12 +722,18 @@ class Memory:
             Records whose id is the image's content hash (the default id).
         lock_timeout : float, default 0.0
             Seconds to wait for another writer (`MemoryLockedError` after).
+        dry_run : bool, default False
+            Select as the removal would, write nothing (no version, no audit
+            line, no lock), and return an `EditPreview` of the records it would remove.
+        probe : folder, images or array of shape (n, dim), optional
+            With ``dry_run``: queries whose predictions would change are listed
+            (before -> after, k=50, rank vote).
 
         Selectors combine with AND; at least one is required.
 
         Returns
         -------
-        RemoveResult(version, removed, ids)
+        RemoveResult(version, removed, ids), or EditPreview with ``dry_run``
 
         Raises
         ------
@@ -649,24 +747,40 @@ class Memory:
         >>> import numpy as np, tempfile, visual_memory as vm
         >>> mem = vm.create(tempfile.mkdtemp() + "/m", encoder=None, dim=2)
         >>> _ = mem.add_embeddings(np.eye(2), labels=["cat", "dog"], ids=["a", "b"])
+        >>> mem.remove(ids="a", dry_run=True).ids, mem.ids()
+        (['a'], ['a', 'b'])
         >>> mem.remove(ids="a").removed, mem.ids()
         (1, ['b'])
         """
-        return editing.remove(self._state, ids=ids, label=label, source=source, where=where, images=images,
-                              lock_timeout=lock_timeout)
+        self._check_probe(dry_run, probe)
+        return self._probed(editing.remove(self._state, ids=ids, label=label, source=source, where=where, images=images,
+                                           lock_timeout=lock_timeout, dry_run=dry_run), probe)
 
     def forget(self, *, ids: Optional[IdsLike] = None, label: Optional[IdsLike] = None, source: Optional[str] = None,
-               where: Optional[str] = None, images=None, verify: bool = True, lock_timeout: float = 0.0,
-               progress: bool | str | None = None) -> ForgetReceipt:
+               where: Optional[str] = None, images=None, near: Optional[float] = None, verify: bool = True,
+               lock_timeout: float = 0.0, progress: bool | str | None = None, dry_run: bool = False,
+               probe=None) -> Union[ForgetReceipt, EditPreview]:
         """Remove records, then erase every byte of them from the memory directory.
 
         Same selectors as `remove`; ``ids``/``images`` may also name records
-        removed earlier whose bytes are still on disk. When this returns, no
-        file under the memory directory (or object-store prefix) holds the
-        records' vectors, ids, labels-with-ids, sources, metadata or
-        thumbnails: not the records table, its older versions or deletion
-        files, nor the audit log (which keeps a salted hash of each id and
-        drops the labels and sources that described them; see
+        removed earlier whose bytes are still on disk.
+
+        ``near`` (with ``images``) also erases the images' copies: every
+        record whose embedding has cosine similarity >= ``near`` with an
+        image's (found by exact search). The image itself need not be in the
+        memory. For the default encoder (efficientnet-lite0) use ``near=0.9``:
+        on CIFAR-10 it finds every JPEG-recompressed (quality 75-90) and
+        upscaled copy and ~88% of 90% crops, while a distinct image reaches
+        0.9 for 0.9% of images (`benchmarks/bench_near_duplicates.py`; 0.87 is
+        the equal-error point). Other encoders need their own measurement.
+        Check with ``dry_run=True`` first; the receipt states
+        ``near_threshold`` and ``copies_found``.
+
+        When this returns, no file under the memory directory (or object-store
+        prefix) holds the records' vectors, ids, labels-with-ids, sources,
+        metadata or thumbnails: not the records table, its older versions or
+        deletion files, nor the audit log (which keeps a salted hash of each id
+        and drops the labels and sources that described them; see
         `visual_memory.erasure`). Versions that held the records are
         deleted (opening one names the forget that erased it); tags on them
         are dropped. The in-RAM vectors are zeroed too.
@@ -678,9 +792,11 @@ class Memory:
         forgotten id is purged too (`visual_memory.cache.purge`).
         A crash part-way is finished by the next writer or `visual_memory.open`.
 
+        ``dry_run`` and ``probe`` are as in `remove`: nothing is erased or written.
+
         Returns
         -------
-        ForgetReceipt
+        ForgetReceipt (EditPreview with ``dry_run``)
             ``.to_dict()`` is JSON: what was erased (salted id hashes), when,
             versions before/after, erased versions, dropped tags, and the
             verification scan.
@@ -692,10 +808,18 @@ class Memory:
         ErasureError
             If the verification scan still finds bytes of the records (with the receipt).
         """
-        return editing.forget(self._state, ids=ids, label=label, source=source, where=where, images=images,
-                              verify=verify, lock_timeout=lock_timeout, progress=progress)
+        self._check_probe(dry_run, probe)
+        image_vectors = None
+        if near is not None:
+            if images is None:
+                raise SelectorError("near= needs images=: the images whose copies to forget")
+            image_vectors = self.embed(images)  # a bad image fails here, before anything is selected
+        return self._probed(editing.forget(self._state, ids=ids, label=label, source=source, where=where, images=images,
+                                           near=near, image_vectors=image_vectors, verify=verify,
+                                           lock_timeout=lock_timeout, progress=progress, dry_run=dry_run), probe)
 
-    def relabel(self, ids: IdsLike, label: str, *, lock_timeout: float = 0.0) -> EditResult:
+    def relabel(self, ids: IdsLike, label: str, *, lock_timeout: float = 0.0, dry_run: bool = False,
+                probe=None) -> Union[EditResult, EditPreview]:
         """Give records a new label (one version; votes use it at once).
 
         Parameters
@@ -704,6 +828,8 @@ class Memory:
             Records to relabel; all must exist.
         label : str
             The new label (non-empty).
+        dry_run, probe
+            As `remove`: an `EditPreview` of the labels that would change.
 
         Returns
         -------
@@ -719,9 +845,11 @@ class Memory:
         >>> mem.relabel("b", "cat").changed, mem.labels
         (1, {'cat': 2})
         """
-        return editing.relabel(self._state, ids, label, lock_timeout=lock_timeout)
+        self._check_probe(dry_run, probe)
+        return self._probed(editing.relabel(self._state, ids, label, lock_timeout=lock_timeout, dry_run=dry_run), probe)
 
-    def reweight(self, ids: IdsLike, weight: Union[float, Sequence[float]], *, lock_timeout: float = 0.0) -> EditResult:
+    def reweight(self, ids: IdsLike, weight: Union[float, Sequence[float]], *, lock_timeout: float = 0.0,
+                 dry_run: bool = False, probe=None) -> Union[EditResult, EditPreview]:
         """Set records' vote weight (one version; votes use it at once).
 
         Parameters
@@ -733,12 +861,15 @@ class Memory:
             normal number (~1.18e-38) and its largest (~3.40e38). A record's
             neighbour contribution is multiplied by it: 0 means the record
             never votes but is still retrieved and inspectable, 1 is the default.
+        dry_run, probe
+            As `remove`: an `EditPreview` of the weights that would change.
 
         Returns
         -------
         EditResult(version, changed)
         """
-        return editing.reweight(self._state, ids, weight, lock_timeout=lock_timeout)
+        self._check_probe(dry_run, probe)
+        return self._probed(editing.reweight(self._state, ids, weight, lock_timeout=lock_timeout, dry_run=dry_run), probe)
 
     def tags(self) -> dict[str, int]:
         """Named versions: tag -> version."""

@@ -23,6 +23,8 @@ from ..images import as_list, load_image, scan_folder
 from ..index import as_queries
 from ..results import AddResult
 from ..store import now_utc, record_schema
+from . import preview
+from .preview import EditPreview
 from .state import MemoryState
 
 THUMBNAIL_SIZE = 64
@@ -158,15 +160,15 @@ def commit(state: MemoryState, *, ids, labels, vectors, sources, metadata, thumb
 def add_images(
     state: MemoryState, encoder: Encoder, images, *, labels=None, ids=None, source=None, metadata=None,
     skip_existing: bool = False, vectors: Optional[np.ndarray] = None, batch_size: Optional[int] = None,
-    progress: bool | str = False, lock_timeout: float = 0.0,
-) -> AddResult:
+    progress: bool | str = False, lock_timeout: float = 0.0, dry_run: bool = False,
+) -> Union[AddResult, EditPreview]:
     items, labels = resolve_inputs(images, labels)
     n = len(items)
     ids = as_ids(ids, n)
     if metadata is not None and len(metadata) != n:
         raise ValueError(f"got {n} images but {len(metadata)} metadata entries")
     if n == 0:
-        return AddResult(state.version, 0)
+        return preview.addition(state, [], [], op="add") if dry_run else AddResult(state.version, 0)
     if vectors is not None:
         vectors = as_queries(vectors, state.store.dim, what="vectors")
         if len(vectors) != n:
@@ -175,13 +177,17 @@ def add_images(
     hashes = validate_images(items, progress=progress)
     ids = ids if ids is not None else hashes
     sources = [source if source is not None else (os.fspath(it) if isinstance(it, (str, os.PathLike)) else None) for it in items]
-    with state.writing(timeout=lock_timeout):
+    with state.peeking() if dry_run else state.writing(timeout=lock_timeout):
         keep = check_new_ids(state, ids, skip_existing)
         skipped = [ids[i] for i in range(n) if not keep[i]]
         sel = np.flatnonzero(keep)
+        todo = [items[i] for i in sel]
+        if dry_run:  # embedded only if the preview is probed
+            added = (lambda: vectors[sel]) if vectors is not None else (lambda: encoder.embed(todo, progress=progress or False))
+            return preview.addition(state, [ids[i] for i in sel], [labels[i] for i in sel], op="add", skipped=skipped,
+                                    vectors=added)
         if len(sel) == 0:
             return AddResult(state.version, 0, skipped)
-        todo = [items[i] for i in sel]
         added: list[str] = []
         step = max(COMMIT_EVERY, int(batch_size or encoder.batch_size))
         if vectors is None:
@@ -241,8 +247,8 @@ def check_vector_source(state: MemoryState, encoder) -> None:
 
 def add_embeddings(
     state: MemoryState, vectors, labels, *, ids=None, source=None, metadata=None, encoder=None,
-    skip_existing: bool = False, lock_timeout: float = 0.0,
-) -> AddResult:
+    skip_existing: bool = False, lock_timeout: float = 0.0, dry_run: bool = False,
+) -> Union[AddResult, EditPreview]:
     if encoder is not None:
         check_vector_source(state, encoder)
     vecs = as_queries(vectors, state.store.dim, what="vectors")
@@ -254,11 +260,14 @@ def add_embeddings(
     if metadata is not None and len(metadata) != n:
         raise ValueError(f"got {n} vectors but {len(metadata)} metadata entries")
     if n == 0:
-        return AddResult(state.version, 0)
-    with state.writing(timeout=lock_timeout):
+        return preview.addition(state, [], [], op="add_embeddings") if dry_run else AddResult(state.version, 0)
+    with state.peeking() if dry_run else state.writing(timeout=lock_timeout):
         keep = check_new_ids(state, ids, skip_existing)
         skipped = [ids[i] for i in range(n) if not keep[i]]
         sel = np.flatnonzero(keep)
+        if dry_run:
+            return preview.addition(state, [ids[i] for i in sel], [labels[i] for i in sel], op="add_embeddings",
+                                    skipped=skipped, vectors=vecs[sel])
         if len(sel):
             commit(
                 state,

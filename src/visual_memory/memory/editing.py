@@ -15,10 +15,21 @@ by accident (say ``where="true"`` to mean everything). Ids and images must all
 exist (`UnknownIdError` lists the missing ones and nothing changes); a label
 with no records is a `SelectorError` (a typo, most likely); a ``source`` or
 ``where`` filter that matches nothing selects nothing.
+
+``images`` with ``near=T`` (forget only) also selects every record whose
+embedding has cosine similarity >= T with an image's embedding: its copies
+(re-encoded, resized, lightly cropped). An image need not be in the memory
+itself then, but something must match.
+
+Dry runs
+--------
+Every verb takes ``dry_run=True``: it selects exactly as the edit would, under
+no lock and writing nothing, and returns an `EditPreview` (see `preview`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from datetime import timedelta
@@ -28,8 +39,12 @@ import numpy as np
 
 from .. import erasure
 from ..errors import MemoryLockedError, SelectorError, UnknownIdError, VisualMemoryError
+from ..images import as_list, sha256_of
+from ..index import as_queries
 from ..results import EditResult, ForgetReceipt, OptimizeResult, RemoveResult
 from ..store import sql_quote
+from . import preview
+from .preview import EditPreview
 from .state import MemoryState
 
 log = logging.getLogger(__name__)
@@ -64,13 +79,16 @@ def _missing_message(missing: list[str], what: str = "id") -> str:
 
 
 def select(
-    state: MemoryState, *, ids=None, label=None, source=None, where=None, images=None, historic: bool = False
+    state: MemoryState, *, ids=None, label=None, source=None, where=None, images=None, historic: bool = False,
+    near: Optional[float] = None, image_vectors: Optional[np.ndarray] = None,
 ) -> tuple[np.ndarray, list[str], list[str]]:
     """Resolve selectors to live rows (AND).
 
     Returns (rows, historic_ids, kinds): ``historic_ids`` are requested ids
     that are no longer live but that the audit log still names (only with
     ``historic=True``, for `forget`); ``kinds`` names the selectors given.
+    With ``near``, ``image_vectors`` are the images' embeddings and the
+    images selector also takes every live record within cosine ``near``.
     """
     given = {k: v for k, v in (("ids", ids), ("label", label), ("source", source), ("where", where), ("images", images)) if v is not None}
     if not given:
@@ -86,19 +104,30 @@ def select(
     if ids is not None:
         wanted += id_list(ids, "ids")
     if images is not None:
-        from ..images import as_list, describe, sha256_of
+        from ..images import describe
 
         items = as_list(images)
         if not items:
             raise SelectorError("images is empty: nothing selected")
         hashes = [sha256_of(item) for item in items]
-        unknown = [f"{describe(it)} (sha256 {h[:12]}...)" for it, h in zip(items, hashes) if h not in rows_t]
-        if unknown and not historic:
-            raise UnknownIdError(
-                f"{len(unknown)} image(s) not in the memory (no record has their content hash as id): "
-                f"{', '.join(unknown[:5])}; nothing was changed"
-            )
-        wanted += hashes
+        if near is not None:
+            # The images' own records (if present) plus every record within the threshold.
+            own, gone = rows_t.rows_of(hashes)
+            if historic and gone:  # an image's own record removed earlier, its bytes still on disk
+                past += sorted(ids_in_history(state, gone))
+            rows_near = near_rows(state, image_vectors, near)
+            if not len(own) and not len(rows_near) and not past:
+                raise SelectorError(f"none of the {len(items)} image(s) is in the memory and no record has cosine "
+                                    f"similarity >= {near} with them; nothing was changed")
+            selections.append(np.union1d(own, rows_near).astype(np.int64))
+        else:
+            unknown = [f"{describe(it)} (sha256 {h[:12]}...)" for it, h in zip(items, hashes) if h not in rows_t]
+            if unknown and not historic:
+                raise UnknownIdError(
+                    f"{len(unknown)} image(s) not in the memory (no record has their content hash as id): "
+                    f"{', '.join(unknown[:5])}; nothing was changed"
+                )
+            wanted += hashes
     if wanted:
         wanted = list(dict.fromkeys(wanted))
         rows, missing = rows_t.rows_of(wanted)
@@ -109,7 +138,7 @@ def select(
             unknown = [m for m in missing if m not in known]
             if unknown:
                 raise UnknownIdError(_missing_message(unknown) + " (they are neither in the memory nor in its history)")
-            past = missing
+            past += missing
         selections.append(rows)
     if label is not None:
         labels = id_list(label, "label")
@@ -140,10 +169,44 @@ def select(
             ) from None
         rows, _ = rows_t.rows_of(table.column("id").to_pylist())
         selections.append(rows)
+    if near is not None:
+        if images is None:
+            raise SelectorError("near= needs images=: the images whose copies to select")
+        given["near"] = near
     rows = selections[0]
     for other in selections[1:]:
         rows = np.intersect1d(rows, other)
-    return np.unique(rows).astype(np.int64), past, sorted(given)
+    return np.unique(rows).astype(np.int64), list(dict.fromkeys(past)), sorted(given)
+
+
+def near_rows(state: MemoryState, vectors: np.ndarray, threshold: float) -> np.ndarray:
+    """Live rows whose vector has cosine similarity >= ``threshold`` with any of ``vectors`` (exact).
+
+    An exact index is searched with a growing k until every query's last
+    neighbour falls below the threshold; an approximate index could miss a
+    copy, so the stored vectors are scanned instead.
+    """
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.floating)) or not -1.0 <= threshold <= 1.0:
+        raise ValueError(f"near must be a cosine similarity in [-1, 1] (e.g. 0.9); got {threshold!r}")
+    q = as_queries(vectors, state.store.dim, what="image vectors")
+    index, n = state.index, state.rows.n_alive
+    if n == 0:
+        return np.zeros(0, np.int64)
+    if index.is_exact:
+        k = min(64, n)
+        while True:
+            sims, rows = index.search(q, k)
+            if k >= n or (sims[:, -1] < threshold).all():
+                break
+            k = min(4 * k, n)
+        return np.unique(rows[(sims >= threshold) & (rows >= 0)]).astype(np.int64)
+    alive = state.rows.alive_rows()
+    hits = []
+    for lo in range(0, len(alive), 16384):
+        chunk = alive[lo : lo + 16384]
+        sims = state.vectors(chunk) @ q.T
+        hits.append(chunk[(sims >= threshold).any(axis=1)])
+    return np.unique(np.concatenate(hits)).astype(np.int64)
 
 
 def ids_in_history(state: MemoryState, ids: list[str]) -> set[str]:
@@ -165,10 +228,17 @@ def live_rows(state: MemoryState, ids: IdsLike) -> tuple[list[str], np.ndarray]:
 # -- remove / forget ---------------------------------------------------------------------
 
 
+def _session(state: MemoryState, dry_run: bool, lock_timeout: float):
+    """The writer lock for an edit; for a dry run, a lock-free catch-up that writes nothing."""
+    return state.peeking() if dry_run else state.writing(timeout=lock_timeout)
+
+
 def remove(state: MemoryState, *, ids=None, label=None, source=None, where=None, images=None,
-           lock_timeout: float = 0.0) -> RemoveResult:
-    with state.writing(timeout=lock_timeout):
+           lock_timeout: float = 0.0, dry_run: bool = False) -> Union[RemoveResult, EditPreview]:
+    with _session(state, dry_run, lock_timeout):
         rows, _, _ = select(state, ids=ids, label=label, source=source, where=where, images=images)
+        if dry_run:
+            return preview.removal(state, rows, op="remove")
         if not len(rows):
             return RemoveResult(state.version, 0, [])
         removed = [state.rows.ids[r] for r in rows.tolist()]
@@ -182,12 +252,21 @@ def remove(state: MemoryState, *, ids=None, label=None, source=None, where=None,
 
 
 def forget(state: MemoryState, *, ids=None, label=None, source=None, where=None, images=None, verify: bool = True,
-           lock_timeout: float = 0.0, progress: bool | str | None = None) -> ForgetReceipt:
-    with state.writing(timeout=lock_timeout):
+           lock_timeout: float = 0.0, progress: bool | str | None = None, near: Optional[float] = None,
+           image_vectors: Optional[np.ndarray] = None, dry_run: bool = False) -> Union[ForgetReceipt, EditPreview]:
+    with _session(state, dry_run, lock_timeout):
         st = state.store
-        rows, past, kinds = select(state, ids=ids, label=label, source=source, where=where, images=images, historic=True)
+        rows, past, kinds = select(state, ids=ids, label=label, source=source, where=where, images=images, historic=True,
+                                   near=near, image_vectors=image_vectors)
         if not len(rows) and not past:
             raise SelectorError(f"the selector ({', '.join(kinds)}) matches no records; nothing to forget")
+        near_info = None
+        if near is not None:
+            own = {sha256_of(it) for it in as_list(images)}
+            near_info = {"threshold": float(near), "copies": sum(state.rows.ids[r] not in own for r in rows.tolist())}
+            kinds = [k if k != "near" else f"near>={float(near):g}" for k in kinds]
+        if dry_run:
+            return preview.removal(state, rows, op="forget", historic=past, near=near_info)
         live_ids = [state.rows.ids[r] for r in rows.tolist()]
         # The proof scans for the stored vectors' bytes, so they come from the store, never a lossy index.
         vectors = dict(zip(live_ids, state.vectors(rows))) if verify else None
@@ -209,6 +288,8 @@ def forget(state: MemoryState, *, ids=None, label=None, source=None, where=None,
         finally:
             state.committed()
         state.after_mutation()
+        if near_info is not None:
+            receipt = dataclasses.replace(receipt, near_threshold=near_info["threshold"], copies_found=near_info["copies"])
         return receipt
 
 
@@ -227,13 +308,16 @@ def finish_pending_forget(state: MemoryState) -> None:
 # -- relabel / reweight ------------------------------------------------------------------
 
 
-def relabel(state: MemoryState, ids: IdsLike, label: str, *, lock_timeout: float = 0.0) -> EditResult:
+def relabel(state: MemoryState, ids: IdsLike, label: str, *, lock_timeout: float = 0.0,
+            dry_run: bool = False) -> Union[EditResult, EditPreview]:
     if not isinstance(label, str) or not label.strip():
         raise ValueError(f"label must be a non-empty string; got {label!r}")
-    with state.writing(timeout=lock_timeout):
+    with _session(state, dry_run, lock_timeout):
         ids, rows = live_rows(state, ids)
         code = state.rows.labels.code(label)
         change = rows if code is None else rows[state.rows.codes[rows] != code]
+        if dry_run:
+            return preview.relabelling(state, change, label)
         if not len(change):
             return EditResult(state.version, 0)
         old = sorted(set(state.rows.labels.decode(state.rows.codes[change]).tolist()))
@@ -274,13 +358,15 @@ def parse_weights(ids: IdsLike, weight) -> tuple[list[str], np.ndarray]:
 
 
 def reweight(state: MemoryState, ids: IdsLike, weight, *, lock_timeout: float = 0.0, op: str = "reweight",
-             audit: Optional[dict[str, Any]] = None) -> EditResult:
+             audit: Optional[dict[str, Any]] = None, dry_run: bool = False) -> Union[EditResult, EditPreview]:
     """Set weights; ``op`` and ``audit`` name the audit line (prune records its parameters there)."""
     ids_l, w32 = parse_weights(ids, weight)
-    with state.writing(timeout=lock_timeout):
+    with _session(state, dry_run, lock_timeout):
         ids_l, rows = live_rows(state, ids_l)
         mask = state.rows.weights[rows] != w32
         change, new = rows[mask], w32[mask]
+        if dry_run:
+            return preview.reweighting(state, change, new, op=op)
         if not len(change):
             return EditResult(state.version, 0)
         changed_ids = [state.rows.ids[r] for r in change.tolist()]

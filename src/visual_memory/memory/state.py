@@ -128,6 +128,20 @@ class MemoryState:
             self.sync()
             yield self
 
+    @contextlib.contextmanager
+    def peeking(self) -> Iterator["MemoryState"]:
+        """Catch up with the newest version *without* the writer lock, for a dry run.
+
+        Reads only: no lock file, no finishing of an interrupted forget, no
+        audit repair. What a dry run then computes describes ``rows.version``.
+        """
+        if self.store.read_only:
+            raise VisualMemoryError(f"{self.store.path}: opened read-only (or at an old version); it cannot be edited, "
+                                    "so there is no edit to preview")
+        self.store.refresh()
+        self.sync()
+        yield self
+
     def committed(self) -> None:
         """Record that the row table and index now describe the store's current version."""
         self.rows.version = self.store.version

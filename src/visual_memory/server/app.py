@@ -98,8 +98,24 @@ NonEmpty = Annotated[str, Field(min_length=1)]
 # -- request bodies -----------------------------------------------------------------
 
 
+Sha256 = Annotated[str, Field(pattern="^[0-9a-f]{64}$")]
+
+
+class DryRun(BaseModel):
+    """A preview that also reports which probe predictions would change."""
+
+    probe: List[Sha256] = Field(..., min_length=1, max_length=MAX_FILES, description="SHA-256 of images this server "
+                                "classified recently (`image.sha256` of /classify).")
+    k: int = Field(50, ge=1, le=MAX_K, description="k of the probe predictions.")
+    vote: Vote = Field("rank", description="Vote of the probe predictions.")
+
+
 class IdsBody(BaseModel):
     ids: List[NonEmpty] = Field(..., min_length=1, description="Record ids (at least one; none empty).")
+    dry_run: Union[bool, DryRun] = Field(
+        False, description="true: only preview (an EditPreview: what would change; nothing is written). An object "
+        "`{\"probe\": [sha256, ...], \"k\": 50, \"vote\": \"rank\"}` previews and also lists the probes whose "
+        "prediction would change.")
 
 
 class RelabelBody(IdsBody):
@@ -443,36 +459,44 @@ def create_app(
                            source="upload", skip_existing=skip_existing)
         return {"version": result.version, "added": result.added, "skipped": result.skipped, "ids": result.ids}
 
+    def _edit(body: IdsBody, verb) -> dict:
+        """Run a verb, or with ``dry_run`` its preview, probed with recently classified uploads."""
+        probe = body.dry_run if isinstance(body.dry_run, DryRun) else None
+        vectors = service.recent_queries(probe.probe) if probe is not None else None
+        with service.writing() as m:
+            result = verb(m, dry_run=probe is not None or body.dry_run is True)
+            if probe is not None:
+                result = result.with_probe(vectors, names=probe.probe, k=probe.k, vote=probe.vote)
+        return _to_json(result)
+
     @app.delete("/records/{record_id:record_id}", tags=["edit"], summary="Remove one record",
                 dependencies=write_dep, responses=responses(401, 404, 422, 503))
-    def delete_record(record_id: str) -> dict:
+    def delete_record(record_id: str, dry_run: bool = Query(False, description="Only preview the removal.")) -> dict:
         with service.writing() as m:
-            return _to_json(m.remove(ids=[record_id]))
+            return _to_json(m.remove(ids=[record_id], dry_run=dry_run))
 
     @app.post(
         "/forget",
         tags=["edit"],
         summary="Forget records: physical erasure, returns the receipt",
         description="Body `{\"ids\": [...]}`. The records' vectors, thumbnails, sources and metadata are erased from "
-        "disk and from the index; the receipt says what was erased, when, and the verification result.",
+        "disk and from the index; the receipt says what was erased, when, and the verification result. "
+        "`dry_run: true` returns the preview instead and erases nothing.",
         dependencies=write_dep,
         responses=responses(401, 404, 413, 422, 503),
     )
     def forget(body: IdsBody) -> dict:
-        with service.writing() as m:
-            return _to_json(m.forget(ids=body.ids))
+        return _edit(body, lambda m, **kw: m.forget(ids=body.ids, **kw))
 
     @app.post("/relabel", tags=["edit"], summary="Give records a new label",
               dependencies=write_dep, responses=responses(401, 404, 413, 422, 503))
     def relabel(body: RelabelBody) -> dict:
-        with service.writing() as m:
-            return _to_json(m.relabel(body.ids, body.label))
+        return _edit(body, lambda m, **kw: m.relabel(body.ids, body.label, **kw))
 
     @app.post("/reweight", tags=["edit"], summary="Set records' vote weight (0 = never votes)",
               dependencies=write_dep, responses=responses(401, 404, 413, 422, 503))
     def reweight(body: ReweightBody) -> dict:
-        with service.writing() as m:
-            return _to_json(m.reweight(body.ids, body.weight))
+        return _edit(body, lambda m, **kw: m.reweight(body.ids, body.weight, **kw))
 
     routes = {getattr(r, "endpoint", None): r for r in app.router.routes}
     protected = [r for r in app.router.routes if any(d.dependency is require_token for d in getattr(r, "dependencies", ()))]

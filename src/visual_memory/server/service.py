@@ -21,12 +21,16 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from typing import Iterator
+from collections import OrderedDict
+from typing import Iterator, Sequence
 
 import numpy as np
 
+from ..errors import UnknownIdError
 from ..images import load_image
 from ..memory import Memory
+
+RECENT_QUERIES = 256  # embeddings of recently classified uploads, by SHA-256, for edit previews
 
 
 class RWLock:
@@ -90,6 +94,8 @@ class MemoryService:
         self._refresh_every = refresh_every
         self._checked = time.monotonic()
         self._check_mutex = threading.Lock()
+        self._recent: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._recent_mutex = threading.Lock()
 
     def _follow_erasures(self) -> None:
         if self.memory.erased_since_loaded():
@@ -132,5 +138,19 @@ class MemoryService:
         loaded : LoadedImage (for the content hash and a thumbnail)
         """
         loaded = load_image(data)
-        vec = self.memory.encoder.embed(loaded.image)
-        return np.asarray(vec, np.float32), loaded
+        vec = np.asarray(self.memory.encoder.embed(loaded.image), np.float32)
+        with self._recent_mutex:  # bounded: the oldest goes first
+            self._recent[loaded.sha256] = vec[0]
+            self._recent.move_to_end(loaded.sha256)
+            while len(self._recent) > RECENT_QUERIES:
+                self._recent.popitem(last=False)
+        return vec, loaded
+
+    def recent_queries(self, hashes: Sequence[str]) -> np.ndarray:
+        """Embeddings (n, dim) of uploads this server embedded recently, by their SHA-256 (edit previews)."""
+        with self._recent_mutex:
+            missing = [h for h in hashes if h not in self._recent]
+            if missing:
+                raise UnknownIdError(f"{len(missing)} probe image(s) were not classified by this server recently "
+                                     f"(e.g. sha256 {missing[0][:12]}...): classify them first")
+            return np.stack([self._recent[h] for h in hashes])

@@ -89,6 +89,7 @@ function dropZone(zone, input, onFiles) {
 
 // -- classify --------------------------------------------------------------------------
 let current = null;  // the File being explained
+let currentSha = null;  // its SHA-256 as the server saw it (the probe of edit previews)
 dropZone($("#drop"), $("#file"), (files) => { if (files.length) { current = files[0]; classify(); } });
 $("#k").addEventListener("change", () => current && classify());
 $("#vote").addEventListener("change", () => current && classify());
@@ -99,6 +100,7 @@ async function classify() {
   const q = new URLSearchParams({ k: $("#k").value || "10", vote: $("#vote").value });
   try {
     const p = await api("POST", "/classify?" + q, fd);
+    currentSha = p.image && p.image.sha256;
     render(p);
   } catch (e) {
     toast(e.message, true);
@@ -140,21 +142,24 @@ function thumb(url, alt) {
 
 function neighborCard(n, winner) {
   const relabelInput = el("input", { placeholder: "new label", "aria-label": "new label", "data-testid": "relabel-input" });
-  const forgetBtn = el("button", { class: "danger", "data-testid": "forget" }, "forget");
-  forgetBtn.addEventListener("click", async () => {
-    if (!forgetBtn.classList.contains("confirm")) {  // two clicks: forgetting is permanent
-      forgetBtn.classList.add("confirm");
-      forgetBtn.textContent = "erase for good?";
-      return;
+  const box = el("div", { class: "preview", "data-testid": "preview", hidden: "" });
+  // Every edit is previewed first (a dry run: nothing is written), then applied on confirm.
+  const preview = async (path, body, verb, done) => {
+    const dry = currentSha ? { probe: [currentSha], k: Number($("#k").value || 10), vote: $("#vote").value } : true;
+    try {
+      const p = await api("POST", path, { ...body, dry_run: dry });
+      showPreview(box, p, verb, () => edit("POST", path, body, done));
+    } catch (e) {
+      toast(e.message, true);
     }
-    await edit("POST", "/forget", { ids: [n.id] }, (r) => `forgot ${r.count ?? r.erased ?? 1} record(s)`);
-  });
-  const act = async () => {
+  };
+  const act = () => {
     const label = relabelInput.value.trim();
     if (!label) return toast("type the new label first", true);
-    await edit("POST", "/relabel", { ids: [n.id], label }, () => `relabelled ${n.label} → ${label}`);
+    preview("/relabel", { ids: [n.id], label }, "relabel", () => `relabelled ${n.label} → ${label}`);
   };
   relabelInput.addEventListener("keydown", (e) => e.key === "Enter" && act());
+  const half = n.weight / 2;
   return el("div", { class: "card" + (n.label === winner ? " win" : ""), "data-testid": "neighbor", dataset: { id: n.id, label: n.label } },
     thumb(n.thumbnail_url, n.label),
     el("div", { class: "lab", title: n.label }, `#${n.rank + 1} ${n.label}`),
@@ -163,8 +168,29 @@ function neighborCard(n, winner) {
     el("div", { class: "acts" },
       relabelInput,
       el("button", { onclick: act, "data-testid": "relabel" }, "relabel"),
-      el("button", { onclick: () => edit("POST", "/reweight", { ids: [n.id], weight: n.weight / 2 }, () => `weight of ${n.label} neighbour → ${+(n.weight / 2).toFixed(3)}`), "data-testid": "downweight", title: "halve this record's vote weight" }, "weight ÷2"),
-      forgetBtn));
+      el("button", { onclick: () => preview("/reweight", { ids: [n.id], weight: half }, "down-weight", () => `weight of ${n.label} neighbour → ${+half.toFixed(3)}`), "data-testid": "downweight", title: "halve this record's vote weight" }, "weight ÷2"),
+      el("button", { class: "danger", onclick: () => preview("/forget", { ids: [n.id] }, "erase for good", (r) => `forgot ${r.erased ?? 1} record(s)`), "data-testid": "forget" }, "forget")),
+    box);
+}
+
+function showPreview(box, p, verb, apply) {
+  const lines = p.changes.map((c) => {
+    if (c.label_after === null) return `erases ${c.label_before} record ${c.id.slice(0, 10)}…`;
+    if (c.label_before !== c.label_after) return `label ${c.label_before} → ${c.label_after}`;
+    return `weight ${+c.weight_before.toFixed(3)} → ${+c.weight_after.toFixed(3)}`;
+  });
+  if (!lines.length) lines.push("changes nothing");
+  if (p.probe) {
+    const mine = p.probe.changes[0];
+    lines.push(mine ? `this image: ${mine.before} → ${mine.after}` : "this image's prediction stays the same");
+  }
+  box.replaceChildren(
+    el("div", { class: "muted" }, `preview (nothing changed yet, version ${p.version})`),
+    ...lines.map((t) => el("div", { "data-testid": "preview-line" }, t)),
+    el("div", { class: "acts" },
+      el("button", { class: verb.startsWith("erase") ? "danger" : "", "data-testid": "confirm", onclick: () => { box.hidden = true; apply(); } }, verb),
+      el("button", { "data-testid": "cancel", onclick: () => { box.hidden = true; } }, "cancel")));
+  box.hidden = false;
 }
 
 async function edit(method, path, body, describe) {
