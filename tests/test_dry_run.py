@@ -258,6 +258,10 @@ def test_http_dry_run_fields(mem, cifar_root):
     assert applied == {"version": pred["version"] + 1, "changed": 1}
     after = client.post("/classify?k=10", files={"file": ("q.jpg", image, "image/jpeg")}).json()["label"]
     assert after == (dry["probe"]["changes"][0]["after"] if dry["probe"]["changes"] else pred["label"])
+    # A real forget drops the server's remembered upload embeddings (one could be the forgotten image's).
+    assert client.post("/forget", json={"ids": [nearest["id"]]}, headers=auth).status_code == 200
+    r = client.post("/relabel", json={**body, "ids": [pred["neighbors"][1]["id"]]}, headers=auth)
+    assert r.status_code == 404 and "classify them first" in r.json()["detail"]
 
 
 def test_cli_dry_run_for_every_verb(mem, cifar_root, tmp_path):

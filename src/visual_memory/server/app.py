@@ -486,7 +486,10 @@ def create_app(
         responses=responses(401, 404, 413, 422, 503),
     )
     def forget(body: IdsBody) -> dict:
-        return _edit(body, lambda m, **kw: m.forget(ids=body.ids, **kw))
+        out = _edit(body, lambda m, **kw: m.forget(ids=body.ids, **kw))
+        if body.dry_run is False:
+            service.forget_recent()  # a forgotten image may have been a recent query: keep nothing of it
+        return out
 
     @app.post("/relabel", tags=["edit"], summary="Give records a new label",
               dependencies=write_dep, responses=responses(401, 404, 413, 422, 503))

@@ -146,6 +146,11 @@ class MemoryService:
                 self._recent.popitem(last=False)
         return vec, loaded
 
+    def forget_recent(self) -> None:
+        """Drop every remembered upload embedding (after a forget: one of them may be the forgotten image's)."""
+        with self._recent_mutex:
+            self._recent.clear()
+
     def recent_queries(self, hashes: Sequence[str]) -> np.ndarray:
         """Embeddings (n, dim) of uploads this server embedded recently, by their SHA-256 (edit previews)."""
         with self._recent_mutex:
