@@ -1,0 +1,297 @@
+"""Distributed ingest and sharded search on a real multi-node Ray cluster, on loopback only.
+
+One `ray.cluster_utils.Cluster` for the module: a head and a worker node (and,
+for the kill test, a second worker that is killed), every node and the driver
+pinned to 127.0.0.1. The module checks which address each really uses, that
+no socket of this process or its children touches anything but loopback, and
+that no Ray process is left when it ends. Images are small CIFAR-10 subsets,
+embedded for real by the actors; reference vectors come from the embedding cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import ray  # the `ray` extra; CI installs it (setup.sh installs .[all,ray])
+
+import visual_memory as vm
+from visual_memory.distributed import cluster as vcluster
+from visual_memory.distributed.ingest import JOURNAL
+from visual_memory.errors import ImageError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _ray_pids() -> set[int]:
+    me = psutil.Process()
+    return {p.pid for p in me.children(recursive=True)}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """Head (1 CPU) + worker (1 CPU), pinned to 127.0.0.1; the driver is this process."""
+    from ray.cluster_utils import Cluster
+
+    vcluster.pin_loopback()
+    c = Cluster(initialize_head=True, connect=False,
+                head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1", "include_dashboard": False})
+    c.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+    c.wait_for_nodes()
+    ray.init(address=c.address, include_dashboard=False, log_to_driver=False, logging_level="warning")
+    pids = _ray_pids()
+    try:
+        yield c
+    finally:
+        ray.shutdown()
+        c.shutdown()
+        deadline = time.time() + 30
+        while time.time() < deadline and any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+                                             for p in pids | _ray_pids()):
+            time.sleep(0.5)
+        left = [p for p in pids | _ray_pids() if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        assert not left, f"Ray processes left behind: {left}"
+
+
+def _subset(root: Path, dest: Path, per_class: int, classes: int = 10, offset: int = 0) -> list[Path]:
+    """Copy the first ``per_class`` images of the first ``classes`` classes into an ImageFolder."""
+    paths = []
+    for cls in sorted(p.name for p in root.iterdir() if p.is_dir())[:classes]:
+        (dest / cls).mkdir(parents=True, exist_ok=True)
+        for f in sorted((root / cls).iterdir())[offset : offset + per_class]:
+            shutil.copy(f, dest / cls / f.name)
+            paths.append(dest / cls / f.name)
+    return paths
+
+
+def _records(mem) -> dict[str, tuple]:
+    vecs = mem.vectors()
+    return {r["id"]: (r["label"], r["source"], v) for r, v in zip(mem.get(mem.ids()), vecs)}
+
+
+def _assert_loopback_only() -> None:
+    me = psutil.Process()
+    seen = set()
+    for p in [me, *me.children(recursive=True)]:
+        try:
+            conns = p.net_connections(kind="inet")
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        for c in conns:
+            for addr in (c.laddr, c.raddr):
+                if addr:
+                    seen.add(addr.ip.removeprefix("::ffff:"))
+    bad = {a for a in seen if not vcluster.is_loopback(a)}
+    assert seen and not bad, f"sockets on non-loopback addresses: {bad}"
+
+
+def test_cluster_is_multi_node_and_loopback_only(cluster):
+    nodes = vcluster.check_loopback()
+    assert len(nodes) - 1 == 2  # head + worker, plus the driver entry
+    assert set(nodes.values()) == {"127.0.0.1"}
+    assert ray.util.get_node_ip_address() == "127.0.0.1"
+    assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
+    _assert_loopback_only()
+
+
+def test_ray_add_stores_exactly_what_vismem_add_stores(cluster, cifar_root, tmp_path):
+    from typer.testing import CliRunner
+
+    from visual_memory.cli import app
+
+    folder = tmp_path / "imgs"
+    _subset(cifar_root / "train", folder, per_class=4)
+    runner = CliRunner()
+    for name in ("one", "ray"):
+        assert runner.invoke(app, ["create", str(tmp_path / name)]).exit_code == 0
+    one = runner.invoke(app, ["add", str(tmp_path / "one"), str(folder)])
+    assert one.exit_code == 0, one.output
+    out = runner.invoke(app, ["add", str(tmp_path / "ray"), str(folder), "--ray", cluster.address, "--batch-size", "10"])
+    assert out.exit_code == 0, out.output
+    a, b = vm.open(tmp_path / "one"), vm.open(tmp_path / "ray")
+    ra, rb = _records(a), _records(b)
+    assert len(ra) == 40 and set(ra) == set(rb)
+    for rid, (label, source, vec) in ra.items():
+        assert rb[rid][:2] == (label, source)
+        np.testing.assert_allclose(rb[rid][2], vec, atol=1e-4)
+    assert b.ids() == a.ids()  # fragments are committed in input order
+    adds = [e for e in b.history() if e["op"] == "add"]
+    assert len(adds) == 1 and adds[0]["n"] == 40 and adds[0]["version"] == b.version == 2
+    assert adds[0]["ray"]["nodes"] == 2 and adds[0]["ray"]["fragments"] == 4
+    assert not (tmp_path / "ray" / JOURNAL).exists()
+    _assert_loopback_only()
+
+
+def test_bad_image_names_the_file_and_commits_nothing(cluster, cifar_root, tmp_path):
+    folder = tmp_path / "imgs"
+    _subset(cifar_root / "train", folder, per_class=2, classes=3)
+    bad = folder / "cat" / "broken.jpg"
+    bad.parent.mkdir(exist_ok=True)
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    mem = vm.create(tmp_path / "m")
+    files_before = sorted(p.name for p in (tmp_path / "m").rglob("*"))
+    with pytest.raises(ImageError, match="broken.jpg"):
+        mem.add(folder, ray=cluster.address, batch_size=3)
+    assert mem.version == 1 and len(mem) == 0 and len(vm.open(tmp_path / "m")) == 0
+    assert sorted(p.name for p in (tmp_path / "m").rglob("*")) == files_before  # not one data file written
+
+
+def _fragment_nodes(journal: Path) -> list[str]:
+    if not journal.exists():
+        return []
+    out = []
+    for line in journal.read_text().splitlines():
+        try:
+            e = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if e.get("kind") == "fragment":
+            out.append(e.get("node"))
+    return out
+
+
+def _assert_each_once(mem, paths, encoder) -> None:
+    from visual_memory.cache import embed_paths, file_sha256
+
+    want = {file_sha256(p): p for p in paths}
+    ids = mem.ids()
+    assert len(ids) == len(set(ids)) == len(want) and set(ids) == set(want)
+    assert mem._store.count() == len(want)  # on disk too: no duplicate row
+    ref = dict(zip(want, embed_paths(encoder, list(want.values()))))
+    got = dict(zip(ids, mem.vectors()))
+    assert max(float(np.abs(got[i] - ref[i]).max()) for i in want) < 1e-4
+    data = mem.path / "records.lance" / "data"
+    referenced = mem._store.data_files()
+    assert {p.name for p in data.iterdir()} == referenced  # no orphan file of a killed attempt left
+
+
+def test_killed_worker_node_mid_ingest_loses_nothing_and_duplicates_nothing(cluster, cifar_root, tmp_path, encoder):
+    victim = cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+    cluster.wait_for_nodes()
+    victim_id = victim.node_id
+    folder = tmp_path / "imgs"
+    paths = _subset(cifar_root / "train", folder, per_class=6, offset=10)
+    mem = vm.create(tmp_path / "m")
+    result, error = {}, {}
+
+    def run():
+        try:
+            result["r"] = mem.add(folder, ray=cluster.address, batch_size=4, workers=3)
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            error["e"] = exc
+
+    t = threading.Thread(target=run)
+    t.start()
+    journal = tmp_path / "m" / JOURNAL
+    deadline = time.time() + 150
+    while time.time() < deadline and t.is_alive() and victim_id not in _fragment_nodes(journal):
+        time.sleep(0.2)
+    assert victim_id in _fragment_nodes(journal), "the victim node never wrote a fragment before the deadline"
+    assert len(_fragment_nodes(journal)) < 15, "the ingest finished before the node could be killed"
+    cluster.remove_node(victim, allow_graceful=False)
+    t.join(timeout=240)
+    assert not t.is_alive(), "the ingest did not finish after its worker node was killed"
+    assert not error, error
+    assert result["r"].added == 60 and len([e for e in mem.history() if e["op"] == "add"]) == 1
+    _assert_each_once(mem, paths, encoder)
+    _assert_loopback_only()
+
+
+def test_killed_driver_resumes_with_no_loss_and_no_duplicates(cluster, cifar_root, tmp_path, encoder):
+    folder = tmp_path / "imgs"
+    paths = _subset(cifar_root / "train", folder, per_class=5, offset=30)
+    vm.create(tmp_path / "m")
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "VISMEM_PROGRESS": "0"}
+    proc = subprocess.Popen([sys.executable, "-c", "from visual_memory.cli import app; app()", "add", str(tmp_path / "m"), str(folder),
+                             "--ray", cluster.address, "--batch-size", "4", "--workers", "2"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    journal = tmp_path / "m" / JOURNAL
+    try:
+        deadline = time.time() + 150
+        while time.time() < deadline and proc.poll() is None and len(_fragment_nodes(journal)) < 2:
+            time.sleep(0.1)
+        assert proc.poll() is None, "the add finished (or failed) before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    journaled = len(_fragment_nodes(journal))
+    assert journaled >= 2
+    mem = vm.open(tmp_path / "m")
+    assert len(mem) == 0 and mem.version == 1  # nothing was committed
+    r = mem.add(folder, ray=cluster.address, batch_size=4, workers=2)
+    assert r.added == 50
+    (add,) = [e for e in mem.history() if e["op"] == "add"]
+    assert add["ray"]["resumed"] >= 4 * 2  # journaled fragments were reused, not re-embedded
+    _assert_each_once(mem, paths, encoder)
+
+
+# -- sharded search ----------------------------------------------------------------
+
+
+@pytest.fixture
+def cifar_memory(tmp_path, cifar_small):
+    mem = vm.create(tmp_path / "m", encoder=None, dim=cifar_small["train_x"].shape[1])
+    ids = [p.stem + "-" + p.parent.name for p in cifar_small["train_paths"]]
+    mem.add_embeddings(cifar_small["train_x"], labels=cifar_small["train_y"], ids=ids)
+    return tmp_path / "m"
+
+
+def _predictions(mem, queries, k=10):
+    return [(p.label, [n.id for n in p.neighbors]) for p in mem.classify(queries, k=k)]
+
+
+def test_two_shards_classify_like_one_process(cluster, cifar_memory, cifar_small):
+    q = cifar_small["val_x"]
+    one = vm.open(cifar_memory)
+    sharded = vm.open(cifar_memory, ray=cluster.address, shards=2)
+    stats = sharded.index["shards"]
+    assert [s["ntotal"] for s in stats] and sum(s["ntotal"] for s in stats) == len(one) == 200
+    assert all(s["ntotal"] > 0 for s in stats) and {s["node"] for s in stats} == {"127.0.0.1"}
+    assert len({s["node_id"] for s in stats}) == 2  # one shard per node (SPREAD)
+    assert _predictions(sharded, q) == _predictions(one, q)
+    s1, r1 = one.search(q, k=20)
+    s2, r2 = sharded.search(q, k=20)
+    np.testing.assert_allclose(s2, s1, atol=1e-6)
+    assert one.rows.id_lists(r1) == sharded.rows.id_lists(r2)
+
+    # Edits through the sharded memory reach the shard holding the record and match one process.
+    ids = sharded.ids()
+    sharded.remove(ids=ids[:7])
+    sharded.relabel(ids[10:15], "ship")
+    sharded.reweight(ids[20:30], 0.0)
+    sharded.add_embeddings(cifar_small["val_x"][:5], labels="novel", ids=[f"new{i}" for i in range(5)])
+    assert sum(sharded.index["shards"][i]["alive"] for i in range(2)) == 198
+    assert _predictions(sharded, q) == _predictions(vm.open(cifar_memory), q)
+    _assert_loopback_only()
+
+
+def test_forget_on_a_sharded_memory_leaves_no_byte_on_any_shard(cluster, cifar_memory, cifar_small):
+    mem = vm.open(cifar_memory, ray=cluster.address, shards=2)
+    ids = mem.ids()
+    # one record from each shard
+    owner = mem._state.index._owner
+    pick = [int(np.flatnonzero(owner == s)[0]) for s in range(2)]
+    gone = [ids[r] for r in pick]
+    needles = [v.tobytes() for v in mem.vectors(np.asarray(pick))]
+    before = mem._state.index.scan(needles)
+    assert sum(s["found"] for s in before) == 2  # the check can fail: the bytes are there before
+    receipt = mem.forget(ids=gone)
+    assert receipt.verification["ok"] and receipt.verification["vectors_scanned"] == 2
+    after = mem._state.index.scan(needles)
+    assert len(after) == 2 and all(s["found"] == 0 and s["bytes_scanned"] > 0 for s in after)
+    assert {r["shard"] for r in mem.index["last_erase"]} == {0, 1}
+    assert all(r["found"] == 0 for r in mem.index["last_erase"])
+    assert not set(gone) & set(mem.ids()) and not set(gone) & set(vm.open(cifar_memory).ids())
+    assert _predictions(mem, cifar_small["val_x"]) == _predictions(vm.open(cifar_memory), cifar_small["val_x"])
