@@ -120,10 +120,11 @@ class Shard:
     def remove(self, rows: np.ndarray) -> None:
         self.index.remove(rows)
 
-    def erase(self, rows: np.ndarray) -> dict:
-        """Erase rows, then look for their vectors' bytes in the serialised index."""
+    def erase(self, rows: np.ndarray, needles: Optional[list[bytes]] = None) -> dict:
+        """Erase rows, then look for their vectors' bytes (``needles``, default: as this index holds them)."""
         rows = np.asarray(rows, np.int64)
-        needles = [v.tobytes() for v in self.index.vectors(rows)] if self.index.lossless else []
+        if needles is None:
+            needles = [v.tobytes() for v in self.index.vectors(rows)] if self.index.lossless else []
         keep = self.index.erase(rows)
         if keep is not None:
             self.addresses = self.addresses[keep]
@@ -318,11 +319,14 @@ class ShardedIndex(Index):
         ray.get([self.shards[s].remove.remote(self._local[mine]) for s, mine in self._by_shard(rows)])
         self._alive[np.asarray(rows, np.int64)] = False
 
-    def erase(self, rows: np.ndarray) -> Optional[np.ndarray]:
+    def erase(self, rows: np.ndarray, *, needles: Optional[dict[int, bytes]] = None) -> Optional[np.ndarray]:
+        """`Index.erase` on the owning shards; ``needles`` (row -> the stored vector's bytes) are what they scan for."""
         import ray
 
         parts = list(self._by_shard(rows))
-        reports = ray.get([self.shards[s].erase.remote(self._local[mine]) for s, mine in parts])
+        reports = ray.get([self.shards[s].erase.remote(
+            self._local[mine], None if needles is None else [needles[int(r)] for r in mine.tolist() if int(r) in needles])
+            for s, mine in parts])
         self._alive[np.asarray(rows, np.int64)] = False
         self.last_erase = [{k: v for k, v in r.items() if k != "keep"} for r in reports]
         found = [r for r in self.last_erase if r["found"]]
@@ -476,6 +480,23 @@ class ShardedState(MemoryState):
                              table.column("weight").take(sel).to_numpy(zero_copy_only=False), addrs[sel])
             self.index.place_loaded(shard, count, first_local[shard])
             first_local[shard] += count
+
+    def remove_rows(self, rows: np.ndarray, *, erase: bool = False) -> None:
+        if not erase:
+            super().remove_rows(rows)
+            return
+        # The shards scan for the vectors as stored; read them from the version the row table
+        # describes (the store has just deleted them from the newest one).
+        rows = np.asarray(rows, np.int64)
+        ids = [self.rows.ids[r] for r in rows.tolist()]
+        from ..erasure import vectors_at
+
+        stored = vectors_at(self.store, ids, self.rows.version)
+        needles = {int(r): stored[i].tobytes() for r, i in zip(rows.tolist(), ids) if i in stored}
+        keep = self.index.erase(rows, needles=needles)
+        self.rows.erase(rows)
+        if keep is not None:
+            self.rows.keep(keep)
 
     def append_rows(self, ids, labels, weights, vectors, addresses=None) -> None:
         self.index.add(vectors, addresses)
