@@ -146,6 +146,37 @@ def test_bad_image_names_the_file_and_commits_nothing(cluster, cifar_root, tmp_p
     assert sorted(p.name for p in (tmp_path / "m").rglob("*")) == files_before  # not one data file written
 
 
+def test_ray_add_reads_webdataset_tars_and_path_tables_in_one_version(cluster, cifar_root, tmp_path):
+    import io
+    import tarfile
+
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    files = _subset(cifar_root / "train", tmp_path / "imgs", per_class=2, classes=4, offset=50)
+    tar_files, csv_files = files[:4], files[4:]
+    with tarfile.open(tmp_path / "shard-000.tar", "w") as tar:
+        for i, f in enumerate(tar_files):
+            for name, data in ((f"{i:05d}.jpg", f.read_bytes()), (f"{i:05d}.cls", f.parent.name.encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    pacsv.write_csv(pa.table({"path": [str(f) for f in csv_files], "label": [f.parent.name for f in csv_files]}),
+                    tmp_path / "paths.csv")
+    mem = vm.create(tmp_path / "m")
+    r = mem.add([tmp_path / "shard-000.tar", tmp_path / "paths.csv"], ray=cluster.address, batch_size=3)
+    assert r.added == 8 and mem.version == 2
+    ref = vm.create(tmp_path / "ref")
+    ref.add(files, labels=[f.parent.name for f in files])
+    assert _records(mem).keys() == _records(ref).keys()
+    for rid, (label, source, vec) in _records(ref).items():
+        got = _records(mem)[rid]
+        assert got[0] == label
+        np.testing.assert_allclose(got[2], vec, atol=1e-4)
+    sources = [x["source"] for x in mem.get(mem.ids())]
+    assert sum(s.startswith(str(tmp_path / "shard-000.tar") + ":") for s in sources) == 4
+
+
 def _fragment_nodes(journal: Path) -> list[str]:
     if not journal.exists():
         return []
