@@ -178,17 +178,12 @@ def test_ray_add_reads_webdataset_tars_and_path_tables_in_one_version(cluster, c
 
 
 def _fragment_nodes(journal: Path) -> list[str]:
-    if not journal.exists():
+    """Nodes that wrote each journaled (uncommitted) fragment, as the driver last checkpointed them."""
+    try:
+        doc = json.loads(journal.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
         return []
-    out = []
-    for line in journal.read_text().splitlines():
-        try:
-            e = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if e.get("kind") == "fragment":
-            out.append(e.get("node"))
-    return out
+    return [e.get("node") for e in doc.get("fragments", [])]
 
 
 def _assert_each_once(mem, paths, encoder) -> None:
@@ -386,7 +381,7 @@ def test_server_serves_a_sharded_memory(cluster, cifar_root, tmp_path):
     query = sorted((cifar_root / "val" / "cat").iterdir())[0]
     want = vm.open(tmp_path / "m").classify([query], k=5)[0]
     sharded = vm.open(tmp_path / "m", ray=cluster.address, shards=2)
-    with TestClient(create_app(sharded, token="t")) as c:
+    with TestClient(create_app(sharded, token="t"), base_url="http://127.0.0.1") as c:
         r = c.post("/classify?k=5", files={"file": (query.name, query.read_bytes(), "image/jpeg")})
         assert r.status_code == 200, r.text
         assert r.json()["label"] == want.label and [n["id"] for n in r.json()["neighbors"]] == [n.id for n in want.neighbors]

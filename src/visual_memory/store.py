@@ -266,7 +266,8 @@ class Store:
 
         self._require_lock()
         op = lance.LanceOperation.Append(list(fragments))
-        self.dataset = lance.LanceDataset.commit(self.dataset.uri, op, read_version=self.version)
+        self.dataset = lance.LanceDataset.commit(self.dataset.uri, op, read_version=self.version,
+                                                 storage_options=self.storage.lance_options)
         return self.version
 
     def data_files(self) -> set[str]:

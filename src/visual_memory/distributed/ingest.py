@@ -40,13 +40,15 @@ from ..images import describe as describe_item
 from ..images import load_image
 from ..progress import progress_bar
 from ..results import AddResult
-from ..store import record_schema
+from ..store import RECORDS, record_schema
 from .cluster import ACTOR_CPUS, cluster_cpus, cluster_gpus, connect
 from .sources import describe, locators, read_bytes
 
 log = logging.getLogger(__name__)
 
-JOURNAL = ".ingest-journal.jsonl"
+JOURNAL = ".ingest-journal.json"
+JOURNAL_SMALL = 256  # fragments journaled one by one (rewriting ~150 KB is cheap)
+JOURNAL_EVERY_S = 2.0  # past that, at most this much embedding is redone after a driver crash
 BLOCK_ROWS = 1024  # images per Ray block = rows per data file (>= the store's small-fragment size)
 
 
@@ -88,12 +90,13 @@ class EmbedWriter:
     """
 
     def __init__(self, *, encoder: dict, where: str, uri: str, dim: int, storage_version: str,
-                 max_rows_per_file: int) -> None:
+                 max_rows_per_file: int, storage_options: Optional[dict] = None) -> None:
         from ..memory import encoder_from_manifest
 
         self.encoder = encoder_from_manifest(encoder, where=where)
         self.uri, self.dim = uri, dim
         self.storage_version, self.max_rows = storage_version, max_rows_per_file
+        self.storage_options = storage_options
 
     def __call__(self, block: pa.Table) -> pa.Table:
         from lance_ray.fragment import write_fragment
@@ -109,7 +112,7 @@ class EmbedWriter:
         table = record_table(self.dim, ids=cols["id"], labels=cols["label"], vectors=np.concatenate(vectors),
                              sources=cols["source"], thumbnails=[thumbnail(li.image) for li in loaded])
         written = write_fragment([table], self.uri, schema=record_schema(self.dim), max_rows_per_file=self.max_rows,
-                                 data_storage_version=self.storage_version)
+                                 data_storage_version=self.storage_version, storage_options=self.storage_options)
         frags, ids, first = [], [], []
         start = 0
         for frag, _ in written:
@@ -131,55 +134,60 @@ class EmbedWriter:
 
 
 class Journal:
-    """``MEMORY/.ingest-journal.jsonl``: fragments written but not yet committed (no ids in it).
+    """``MEMORY/.ingest-journal.json``: fragments written but not yet committed (no ids in it).
 
-    One JSON line per fragment, fsync'd as it arrives; the first line says
-    when the ingest started and with which encoder.
+    A checkpoint rewritten atomically through the memory's `Storage` (so on
+    object storage too): after every fragment while it holds up to
+    `JOURNAL_SMALL`, then at most every `JOURNAL_EVERY_S` seconds, and before
+    the commit. A crash costs at most that much embedding, and a long
+    journal never makes every write slow.
     """
 
     def __init__(self, store) -> None:
-        self.path = Path(store.path) / JOURNAL
         self.store = store
+        self.storage = store.storage
+        self.head: Optional[dict] = None
+        self.fragments: list[dict] = []
+        self._flushed = 0.0
 
     def entries(self) -> tuple[Optional[dict], list[dict]]:
-        if not self.path.exists():
+        raw = self.storage.read(JOURNAL)
+        if raw is None:
             return None, []
-        lines = []
-        for line in self.path.read_text().splitlines():
-            try:
-                lines.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a torn last line from a crash: that fragment is re-embedded
-        head = next((x for x in lines if x.get("kind") == "start"), None)
-        return head, [x for x in lines if x.get("kind") == "fragment"]
+        try:
+            doc = json.loads(raw)
+        except json.JSONDecodeError:
+            return None, []  # cannot happen with atomic writes; then everything is re-embedded
+        return doc.get("head"), list(doc.get("fragments") or [])
 
-    def _append(self, obj: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(obj, sort_keys=True) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-
-    def start(self, fingerprint: str) -> dict:
-        head = {"kind": "start", "started_at": time.time(), "fingerprint": fingerprint, "version": self.store.version}
-        self.path.unlink(missing_ok=True)
-        self._append(head)
-        return head
+    def start(self, fingerprint: str, *, resume: Optional[tuple[dict, list[dict]]] = None) -> dict:
+        """Begin a journal, or carry on one (its head and the fragments being reused)."""
+        if resume is not None:
+            self.head, self.fragments = resume[0], list(resume[1])
+        else:
+            self.head = {"started_at": time.time(), "fingerprint": fingerprint, "version": self.store.version}
+            self.fragments = []
+        self.flush()
+        return self.head
 
     def add(self, fragment_json: str, node: Optional[str] = None) -> None:
-        self._append({"kind": "fragment", "fragment": fragment_json, "node": node})
+        self.fragments.append({"fragment": fragment_json, "node": node})
+        # Every fragment while the journal is small; then at most every JOURNAL_EVERY_S.
+        if len(self.fragments) <= JOURNAL_SMALL or time.monotonic() - self._flushed >= JOURNAL_EVERY_S:
+            self.flush()
+
+    def flush(self) -> None:
+        self.storage.write(JOURNAL, json.dumps({"head": self.head, "fragments": self.fragments}).encode())
+        self._flushed = time.monotonic()
 
     def remove(self) -> None:
-        self.path.unlink(missing_ok=True)
+        self.storage.delete(JOURNAL)
 
 
 def _fragment(js: str):
     from lance.fragment import FragmentMetadata
 
     return FragmentMetadata.from_json(js)
-
-
-def _data_path(store, rel: str) -> str:
-    return f"{store.dataset.uri.rstrip('/')}/data/{rel}"
 
 
 def _fragment_ids(store, frag) -> Optional[list[str]]:
@@ -190,27 +198,34 @@ def _fragment_ids(store, frag) -> Optional[list[str]]:
     if len(files) != 1:
         return None
     try:
-        table = LanceFileReader(_data_path(store, files[0].path)).read_all().to_table()
+        path = f"{store.dataset.uri.rstrip('/')}/data/{files[0].path}"
+        table = LanceFileReader(path, storage_options=store.storage.lance_options).read_all().to_table()
         ids = table.column(0).to_pylist()  # the schema's first column is id
     except Exception:  # noqa: BLE001 - a half-written or deleted file: re-embed its records
         return None
     return ids if len(ids) == int(frag.physical_rows) else None
 
 
-def reusable_fragments(store, journal: Journal, wanted: dict[str, int], fingerprint: str) -> list[tuple[str, list[str], int]]:
-    """Journaled fragments a resumed add can commit as they are: (fragment JSON, ids, first position).
+def reusable_fragments(store, journal: Journal, wanted: dict[str, int], fingerprint: str
+                       ) -> tuple[list[tuple[str, list[str], int]], list[dict]]:
+    """Journaled fragments a resumed add can commit as they are.
 
     A fragment is reused when its encoder is the memory's, its file is
     readable, and every id in it is still wanted and not claimed by another
     reused fragment; the others are discarded (their files deleted unless a
     version references them).
+
+    Returns
+    -------
+    reused : list of (fragment JSON, ids, first input position)
+    entries : the journal entries of the reused fragments
     """
     head, entries = journal.entries()
     if head is None:
-        return []
+        return [], []
     committed = store.data_files()
     claimed: set[str] = set()
-    out = []
+    out, kept = [], []
     for e in entries:
         frag = _fragment(e["fragment"])
         files = [f.path for f in frag.files]
@@ -220,19 +235,18 @@ def reusable_fragments(store, journal: Journal, wanted: dict[str, int], fingerpr
         if ids is not None and all(i in wanted and i not in claimed for i in ids) and len(set(ids)) == len(ids):
             claimed.update(ids)
             out.append((e["fragment"], ids, min(wanted[i] for i in ids)))
+            kept.append(e)
         else:
             _remove_files(store, files)
     if out:
         log.info("%s: resuming an interrupted add: %d fragment(s), %d record(s) already embedded",
                  store.path, len(out), len(claimed))
-    return out
+    return out, kept
 
 
 def _remove_files(store, files: list[str]) -> None:
-    if not isinstance(store.path, Path):
-        return  # object storage: Lance's cleanup removes unreferenced files
     for rel in files:
-        (Path(store.dataset.uri) / "data" / rel).unlink(missing_ok=True)
+        store.storage.delete(f"{RECORDS}/data/{rel}")
 
 
 def remove_orphans(store, since: float) -> int:
@@ -240,8 +254,10 @@ def remove_orphans(store, since: float) -> int:
 
     Only files from after the ingest started are candidates, and only while
     the writer lock is held, so no other writer's files can be among them.
+    Local memories only: object listings carry no reliable age here, and
+    Lance's version cleanup (``optimize``, ``forget``) removes unreferenced files there.
     """
-    if not isinstance(store.path, Path):
+    if store.storage.remote:
         return 0
     data = Path(store.dataset.uri) / "data"
     fresh = [p for p in data.iterdir() if p.is_file() and p.stat().st_mtime >= since - 1.0] if data.is_dir() else []
@@ -301,7 +317,8 @@ def embed_and_write(state, todo: pa.Table, *, workers: int, gpus: float, block_r
     ray = _quiet_ray_data()
     st = state.store
     kwargs = dict(encoder=st.manifest["encoder"], where=str(st.path), uri=st.dataset.uri, dim=st.dim,
-                  storage_version=st.dataset.data_storage_version, max_rows_per_file=max(st.fragment_rows, block_rows))
+                  storage_version=st.dataset.data_storage_version, max_rows_per_file=max(st.fragment_rows, block_rows),
+                  storage_options=st.storage.lance_options)
     ds = ray.data.from_arrow(_blocks(todo, block_rows))
     ds = ds.map_batches(EmbedWriter, fn_constructor_kwargs=kwargs, batch_format="pyarrow", batch_size=None,
                         compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=ACTOR_CPUS, num_gpus=gpus)
@@ -360,13 +377,13 @@ def add_images(state, inputs, *, labels=None, ids=None, source=None, skip_existi
             journal = Journal(state.store)
             head, _ = journal.entries()
             position = dict(zip(want, todo.column("pos").to_pylist()))
-            reused = reusable_fragments(state.store, journal, position, fingerprint)
-            if head is None or not reused:
-                head = journal.start(fingerprint)
+            reused, kept = reusable_fragments(state.store, journal, position, fingerprint)
+            head = journal.start(fingerprint, resume=(head, kept) if reused else None)
             done = {i for _, frag_ids, _ in reused for i in frag_ids}
             rest = todo.filter(pa.array([i not in done for i in want])) if done else todo
             written = embed_and_write(state, rest, workers=n_workers, gpus=gpus, block_rows=block_rows,
                                       journal=journal, progress=progress) if rest.num_rows else []
+            journal.flush()
             fragments = sorted(reused + written, key=lambda f: f[2])
             check_fragments(fragments, want)
             state.store.commit_fragments([_fragment(js) for js, _, _ in fragments])

@@ -78,8 +78,10 @@ class Shard:
     maps them to the memory's rows.
     """
 
-    def __init__(self, *, shard: int, uri: str, dim: int, spec: str, trained: Optional[bytes] = None) -> None:
+    def __init__(self, *, shard: int, uri: str, dim: int, spec: str, trained: Optional[bytes] = None,
+                 storage_options: Optional[dict] = None) -> None:
         self.shard, self.uri, self.dim, self.spec = shard, uri, dim, spec
+        self.storage_options = storage_options
         self.index = _index_from_bytes(trained, dim, spec) if trained is not None else make_index(spec, dim)
         self.addresses = np.zeros(0, np.uint64)
 
@@ -98,7 +100,7 @@ class Shard:
 
         if not chunks:
             return np.zeros(0, np.uint64)
-        ds = lance.dataset(self.uri, version=version)
+        ds = lance.dataset(self.uri, version=version, storage_options=self.storage_options)
         out = []
         for fid, start, count in chunks:
             scan = ds.scanner(columns=["vector"], with_row_address=True, fragments=[ds.get_fragment(int(fid))],
@@ -427,7 +429,8 @@ class ShardedState(MemoryState):
         uri = self.store.dataset.uri
         trained_ref = ray.put(trained) if trained is not None else None
         return [actor.options(scheduling_strategy="SPREAD").remote(shard=s, uri=uri, dim=self.store.dim,
-                                                                  spec=self.spec, trained=trained_ref)
+                                                                  spec=self.spec, trained=trained_ref,
+                                                                  storage_options=self.store.storage.lance_options)
                 for s in range(self.n_shards)]
 
     def _train(self) -> Optional[bytes]:
