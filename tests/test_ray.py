@@ -390,3 +390,34 @@ def test_server_serves_a_sharded_memory(cluster, cifar_root, tmp_path):
         assert r.status_code == 200, r.text
         r = c.post("/classify?k=1", files={"file": (query.name, query.read_bytes(), "image/jpeg")})
         assert r.json()["label"] == "zebra"
+
+
+def test_ray_add_and_shards_on_an_s3_memory(cluster, cifar_root, tmp_path):
+    """The memory on object storage (moto's S3 server on 127.0.0.1): workers write, the driver commits, shards read."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from moto_support import moto_server
+
+    server = moto_server()
+    s3 = next(server)
+    try:
+        uri = f"s3://{s3.bucket('ray-mem')}/m"
+        folder = tmp_path / "imgs"
+        _subset(cifar_root / "train", folder, per_class=2, classes=5, offset=70)
+        mem = vm.create(uri, storage_options=s3.options)
+        r = mem.add(folder, ray=cluster.address, batch_size=4)
+        assert r.added == 10 and mem.version == 2
+        assert not any(k.endswith(JOURNAL) for k in s3.objects("ray-mem", "m/"))
+        local = vm.create(tmp_path / "local")
+        local.add(folder)
+        assert sorted(mem.ids()) == sorted(local.ids())
+        sharded = vm.open(uri, storage_options=s3.options, ray=cluster.address, shards=2)
+        q = local.vectors()[:4]
+        assert _predictions(sharded, q, k=3) == _predictions(vm.open(uri, storage_options=s3.options), q, k=3)
+        gone = sharded.ids()[0]
+        needle = sharded.vectors(np.array([0])).tobytes()
+        assert sharded.forget(ids=[gone]).verification["ok"]
+        assert not any(needle in data for data in s3.objects("ray-mem", "m/").values())
+        assert all(s["found"] == 0 for s in sharded._state.index.scan([needle]))
+        _assert_loopback_only()
+    finally:
+        next(server, None)
