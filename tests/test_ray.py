@@ -206,13 +206,13 @@ def test_killed_worker_node_mid_ingest_loses_nothing_and_duplicates_nothing(clus
     cluster.wait_for_nodes()
     workers = {n.node_id: n for n in cluster.worker_nodes}
     folder = tmp_path / "imgs"
-    paths = _subset(cifar_root / "train", folder, per_class=6, offset=10)
+    paths = _subset(cifar_root / "train", folder, per_class=10, offset=10)
     mem = vm.create(tmp_path / "m")
     result, error = {}, {}
 
     def run():
-        try:
-            result["r"] = mem.add(folder, ray=cluster.address, batch_size=4, workers=3)
+        try:  # 50 blocks of 2 images: a window of several seconds to kill a node in
+            result["r"] = mem.add(folder, ray=cluster.address, batch_size=2, workers=3)
         except BaseException as exc:  # noqa: BLE001 - reported by the main thread
             error["e"] = exc
 
@@ -229,13 +229,13 @@ def test_killed_worker_node_mid_ingest_loses_nothing_and_duplicates_nothing(clus
     assert not error, error
     victim = busy_worker()
     assert victim is not None, "no worker node wrote a fragment before the ingest ended"
-    assert len(_fragment_nodes(journal)) < 15, "the ingest finished before the node could be killed"
+    assert len(_fragment_nodes(journal)) < 50, "the ingest finished before the node could be killed"
     cluster.remove_node(workers[victim], allow_graceful=False)
     t.join(timeout=240)
     assert not t.is_alive(), "the ingest did not finish after its worker node was killed"
     assert not error, error
     assert victim not in {n["NodeID"] for n in ray.nodes() if n["Alive"]}
-    assert result["r"].added == 60 and len([e for e in mem.history() if e["op"] == "add"]) == 1
+    assert result["r"].added == 100 and len([e for e in mem.history() if e["op"] == "add"]) == 1
     _assert_each_once(mem, paths, encoder)
     _assert_loopback_only()
 
@@ -246,12 +246,12 @@ def test_killed_driver_resumes_with_no_loss_and_no_duplicates(cluster, cifar_roo
     vm.create(tmp_path / "m")
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "VISMEM_PROGRESS": "0"}
     proc = subprocess.Popen([sys.executable, "-c", "from visual_memory.cli import app; app()", "add", str(tmp_path / "m"), str(folder),
-                             "--ray", cluster.address, "--batch-size", "4", "--workers", "2"],
+                             "--ray", cluster.address, "--batch-size", "2", "--workers", "2"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     journal = tmp_path / "m" / JOURNAL
     try:
         deadline = time.time() + 150
-        while time.time() < deadline and proc.poll() is None and len(_fragment_nodes(journal)) < 2:
+        while time.time() < deadline and proc.poll() is None and len(_fragment_nodes(journal)) < 3:
             time.sleep(0.1)
         assert proc.poll() is None, "the add finished (or failed) before it could be killed"
         os.killpg(proc.pid, signal.SIGKILL)
@@ -260,13 +260,13 @@ def test_killed_driver_resumes_with_no_loss_and_no_duplicates(cluster, cifar_roo
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     journaled = len(_fragment_nodes(journal))
-    assert journaled >= 2
+    assert journaled >= 3
     mem = vm.open(tmp_path / "m")
     assert len(mem) == 0 and mem.version == 1  # nothing was committed
-    r = mem.add(folder, ray=cluster.address, batch_size=4, workers=2)
+    r = mem.add(folder, ray=cluster.address, batch_size=2, workers=2)
     assert r.added == 50
     (add,) = [e for e in mem.history() if e["op"] == "add"]
-    assert add["ray"]["resumed"] >= 4 * 2  # journaled fragments were reused, not re-embedded
+    assert add["ray"]["resumed"] >= 2 * 3  # journaled fragments were reused, not re-embedded
     _assert_each_once(mem, paths, encoder)
 
 
