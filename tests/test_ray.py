@@ -270,6 +270,26 @@ def test_killed_driver_resumes_with_no_loss_and_no_duplicates(cluster, cifar_roo
     _assert_each_once(mem, paths, encoder)
 
 
+@pytest.fixture
+def open_sharded(cluster):
+    """`vm.open(..., ray=cluster, shards=n)`, closed at the end of the test (its actors hold cluster CPUs)."""
+    opened = []
+
+    def open_(path, shards=2, **kw):
+        mem = vm.open(path, ray=cluster.address, shards=shards, **kw)
+        opened.append(mem)
+        return mem
+
+    yield open_
+    cpus = ray.cluster_resources().get("CPU", 0.0)
+    for mem in opened:
+        mem.close()
+    deadline = time.time() + 30
+    while time.time() < deadline and ray.available_resources().get("CPU", 0.0) < cpus:
+        time.sleep(0.2)
+    assert ray.available_resources().get("CPU", 0.0) == cpus, "closed shard actors still hold CPUs"
+
+
 # -- sharded search ----------------------------------------------------------------
 
 
@@ -285,10 +305,10 @@ def _predictions(mem, queries, k=10):
     return [(p.label, [n.id for n in p.neighbors]) for p in mem.classify(queries, k=k)]
 
 
-def test_two_shards_classify_like_one_process(cluster, cifar_memory, cifar_small):
+def test_two_shards_classify_like_one_process(cluster, cifar_memory, cifar_small, open_sharded):
     q = cifar_small["val_x"]
     one = vm.open(cifar_memory)
-    sharded = vm.open(cifar_memory, ray=cluster.address, shards=2)
+    sharded = open_sharded(cifar_memory)
     stats = sharded.index["shards"]
     assert [s["ntotal"] for s in stats] and sum(s["ntotal"] for s in stats) == len(one) == 200
     assert all(s["ntotal"] > 0 for s in stats) and {s["node"] for s in stats} == {"127.0.0.1"}
@@ -310,8 +330,8 @@ def test_two_shards_classify_like_one_process(cluster, cifar_memory, cifar_small
     _assert_loopback_only()
 
 
-def test_forget_on_a_sharded_memory_leaves_no_byte_on_any_shard(cluster, cifar_memory, cifar_small):
-    mem = vm.open(cifar_memory, ray=cluster.address, shards=2)
+def test_forget_on_a_sharded_memory_leaves_no_byte_on_any_shard(cluster, cifar_memory, cifar_small, open_sharded):
+    mem = open_sharded(cifar_memory)
     ids = mem.ids()
     # one record from each shard
     owner = mem._state.index._owner
@@ -330,7 +350,7 @@ def test_forget_on_a_sharded_memory_leaves_no_byte_on_any_shard(cluster, cifar_m
     assert _predictions(mem, cifar_small["val_x"]) == _predictions(vm.open(cifar_memory), cifar_small["val_x"])
 
 
-def test_sharded_ivf_is_trained_once_and_answers_like_one_process(cluster, tmp_path, cifar_small):
+def test_sharded_ivf_is_trained_once_and_answers_like_one_process(cluster, tmp_path, cifar_small, open_sharded):
     """An approximate spec: the driver trains the quantiser once; the shards fill their lists in parallel.
 
     Trained on the same vectors, the two shards' inverted lists together are the
@@ -340,7 +360,7 @@ def test_sharded_ivf_is_trained_once_and_answers_like_one_process(cluster, tmp_p
     mem = vm.create(tmp_path / "m", encoder=None, dim=x.shape[1], index="IVF8,Flat")
     mem.add_embeddings(x, labels=cifar_small["train_y"], ids=[f"r{i}" for i in range(len(x))])
     one = vm.open(tmp_path / "m")
-    sharded = vm.open(tmp_path / "m", ray=cluster.address, shards=2)
+    sharded = open_sharded(tmp_path / "m")
     stats = sharded.index["shards"]
     assert [s["spec"] for s in stats] == ["IVF8,Flat"] * 2 and all(s["trained"] and s["ntotal"] == 100 for s in stats)
     q = cifar_small["val_x"]
@@ -368,7 +388,7 @@ def test_sharded_ivf_is_trained_once_and_answers_like_one_process(cluster, tmp_p
         assert sharded.rows.id_lists(sharded.search(q, k=10, params={"nprobe": nprobe})[1]) == a
 
 
-def test_server_serves_a_sharded_memory(cluster, cifar_root, tmp_path):
+def test_server_serves_a_sharded_memory(cluster, cifar_root, tmp_path, open_sharded):
     """`vismem serve --ray --shards` hands `create_app` a sharded memory: classify and edits over HTTP."""
     from fastapi.testclient import TestClient
 
@@ -380,7 +400,7 @@ def test_server_serves_a_sharded_memory(cluster, cifar_root, tmp_path):
     mem.add(folder)
     query = sorted((cifar_root / "val" / "cat").iterdir())[0]
     want = vm.open(tmp_path / "m").classify([query], k=5)[0]
-    sharded = vm.open(tmp_path / "m", ray=cluster.address, shards=2)
+    sharded = open_sharded(tmp_path / "m")
     with TestClient(create_app(sharded, token="t"), base_url="http://127.0.0.1") as c:
         r = c.post("/classify?k=5", files={"file": (query.name, query.read_bytes(), "image/jpeg")})
         assert r.status_code == 200, r.text
@@ -392,7 +412,7 @@ def test_server_serves_a_sharded_memory(cluster, cifar_root, tmp_path):
         assert r.json()["label"] == "zebra"
 
 
-def test_ray_add_and_shards_on_an_s3_memory(cluster, cifar_root, tmp_path):
+def test_ray_add_and_shards_on_an_s3_memory(cluster, cifar_root, tmp_path, open_sharded):
     """The memory on object storage (moto's S3 server on 127.0.0.1): workers write, the driver commits, shards read."""
     sys.path.insert(0, str(Path(__file__).parent))
     from moto_support import moto_server
@@ -410,7 +430,7 @@ def test_ray_add_and_shards_on_an_s3_memory(cluster, cifar_root, tmp_path):
         local = vm.create(tmp_path / "local")
         local.add(folder)
         assert sorted(mem.ids()) == sorted(local.ids())
-        sharded = vm.open(uri, storage_options=s3.options, ray=cluster.address, shards=2)
+        sharded = open_sharded(uri, storage_options=s3.options)
         q = local.vectors()[:4]
         assert _predictions(sharded, q, k=3) == _predictions(vm.open(uri, storage_options=s3.options), q, k=3)
         gone = sharded.ids()[0]

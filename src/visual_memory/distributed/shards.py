@@ -49,6 +49,17 @@ from .cluster import ACTOR_CPUS, ensure
 log = logging.getLogger(__name__)
 
 TRAIN_SAMPLE = 65_536  # vectors the driver draws to train an approximate index once
+START_TIMEOUT_S = 120.0  # shard actors that cannot be placed by then (no free CPUs) are an error, not a hang
+
+
+def _kill(actors: list) -> None:
+    import ray
+
+    for a in actors:
+        try:
+            ray.kill(a)
+        except Exception:  # noqa: BLE001 - already dead, or Ray already shut down
+            pass
 
 
 def _index_bytes(index: Index) -> bytes:
@@ -246,9 +257,18 @@ class ShardedIndex(Index):
     """
 
     def __init__(self, shards: list, dim: int, spec: str) -> None:
+        import weakref
+
         self.shards, self.dim, self.spec = shards, int(dim), spec
         self._reset()
         self.last_erase: list[dict] = []
+        # The actors hold CPUs on the cluster: free them when this index goes (or on `close`).
+        self._finalizer = weakref.finalize(self, _kill, list(shards))
+
+    def close(self) -> None:
+        """Stop the shard actors (the index cannot search after this)."""
+        self._finalizer()
+        self.shards = []
 
     def _reset(self) -> None:
         self._owner = np.zeros(0, np.int32)  # shard of each row
@@ -428,10 +448,20 @@ class ShardedState(MemoryState):
         actor = ray.remote(num_cpus=ACTOR_CPUS, max_restarts=0)(Shard)
         uri = self.store.dataset.uri
         trained_ref = ray.put(trained) if trained is not None else None
-        return [actor.options(scheduling_strategy="SPREAD").remote(shard=s, uri=uri, dim=self.store.dim,
-                                                                  spec=self.spec, trained=trained_ref,
-                                                                  storage_options=self.store.storage.lance_options)
-                for s in range(self.n_shards)]
+        actors = [actor.options(scheduling_strategy="SPREAD").remote(shard=s, uri=uri, dim=self.store.dim,
+                                                                    spec=self.spec, trained=trained_ref,
+                                                                    storage_options=self.store.storage.lance_options)
+                  for s in range(self.n_shards)]
+        try:
+            ray.get([a.where.remote() for a in actors], timeout=START_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError:
+            _kill(actors)
+            free = ray.available_resources().get("CPU", 0.0)
+            raise VisualMemoryError(
+                f"{self.n_shards} shard actor(s) of {ACTOR_CPUS} CPU each did not start within {START_TIMEOUT_S:.0f} s "
+                f"(the cluster has {free:g} CPU free): close memories you no longer use (`Memory.close()`), "
+                "or give the cluster more CPUs") from None
+        return actors
 
     def _train(self) -> Optional[bytes]:
         """Train an approximate index once, on a sample of stored vectors; its bytes (None for exact)."""
@@ -448,6 +478,7 @@ class ShardedState(MemoryState):
 
     def load(self) -> None:
         st = self.store
+        self.close()  # a reload starts fresh actors; free the old ones first
         self.rows = RowTable()
         self.index = ShardedIndex(self._start_shards(self._train()), st.dim, self.spec)
         self._known_frags = set(st.fragment_ids())
@@ -483,6 +514,12 @@ class ShardedState(MemoryState):
                              table.column("weight").take(sel).to_numpy(zero_copy_only=False), addrs[sel])
             self.index.place_loaded(shard, count, first_local[shard])
             first_local[shard] += count
+
+    def close(self) -> None:
+        """Stop the shard actors."""
+        index = getattr(self, "index", None)
+        if isinstance(index, ShardedIndex):
+            index.close()
 
     def remove_rows(self, rows: np.ndarray, *, erase: bool = False) -> None:
         if not erase:

@@ -280,6 +280,14 @@ class Memory:
         """The audit log: one entry per mutation, oldest first."""
         return self._store.audit_entries()
 
+    def close(self) -> None:
+        """Release what the memory holds beyond this process's RAM (the shard actors of a sharded memory).
+
+        Nothing is written; a sharded memory cannot search after it. A plain
+        memory holds nothing to release.
+        """
+        self._state.close()
+
     def refresh(self) -> bool:
         """Pick up versions committed by other processes; True if anything changed."""
         changed = self._store.refresh()
