@@ -256,6 +256,24 @@ class Store:
                                            storage_options=self.storage.lance_options)
         return self.version
 
+    def commit_fragments(self, fragments: Sequence) -> int:
+        """Append data files written elsewhere (Lance's distributed write, e.g. by Ray workers) as one commit.
+
+        ``fragments`` are `lance.FragmentMetadata` from `lance.fragment.write_fragments`
+        into this dataset's URI. Returns the new version.
+        """
+        import lance
+
+        self._require_lock()
+        op = lance.LanceOperation.Append(list(fragments))
+        self.dataset = lance.LanceDataset.commit(self.dataset.uri, op, read_version=self.version,
+                                                 storage_options=self.storage.lance_options)
+        return self.version
+
+    def data_files(self) -> set[str]:
+        """Paths (relative to the dataset's ``data/``) of the data files the current version references."""
+        return {f.path for frag in self.dataset.get_fragments() for f in frag.metadata.files}
+
     def delete(self, where: str) -> int:
         """Logically delete rows matching a Lance SQL predicate. Returns the new version."""
         self._require_lock()

@@ -42,9 +42,25 @@ def add(
     probe: Optional[Path] = typer.Option(None, "--probe", file_okay=False,
                                          help="With --dry-run: a folder of images; list every one whose prediction would change."),
     as_json: bool = typer.Option(False, "--json", help="With --dry-run: print the preview as JSON."),
+    ray: Optional[str] = typer.Option(
+        None, "--ray", help="Embed on a Ray cluster: 'local' (in-process), 'auto' (RAY_ADDRESS) or host:port. "
+        "PATHS may then also be .parquet/.csv tables of image paths or webdataset .tar files; one version for all."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Embedding actors with --ray (default: one per CPU)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Images per Ray block with --ray (default 1024)."),
 ) -> None:
     """Add images (files or folders) to a memory: all of them, or nothing if any is bad."""
     mem = vm.open(memory)
+    if ray is not None:
+        if dry_run:
+            raise typer.BadParameter("--dry-run previews a local add; it is not supported with --ray")
+        # PATHS go to the cluster as given: folders, files, path tables and tars are listed there.
+        r = mem.add(list(paths), labels=label, source=source, skip_existing=skip_existing, ray=ray, workers=workers,
+                    batch_size=batch_size, progress="adding images", lock_timeout=lock_timeout)
+        msg = f"added {r.added} record(s) on Ray"
+        if r.skipped:
+            msg += f", skipped {len(r.skipped)} already present"
+        say(f"{msg}; {len(mem)} in memory, version {mem.version}")
+        return
     items, labels = gather_images(paths, label)
     if dry_run:
         from .edit import show_preview

@@ -51,6 +51,9 @@ def serve(
         [], "--allow-origin", help="A browser origin allowed to call the API besides the UI's own "
         "(repeatable), e.g. https://vm.example.com when a TLS proxy serves the UI."
     ),
+    ray: Optional[str] = typer.Option(
+        None, "--ray", help="Search from Ray actors: 'local' (in-process), 'auto' (RAY_ADDRESS) or host:port."),
+    shards: Optional[int] = typer.Option(None, "--shards", min=1, help="Shard actors with --ray (default 1)."),
 ) -> None:
     """Serve the HTTP API (docs at /docs) and the web UI (at /) for one memory.
 
@@ -69,6 +72,8 @@ def serve(
                                  concurrency=rerank_concurrency, price=rerank_price)
     application = create_app(memory, token=token, protect_reads=protect_reads, reranker=reranker,
                              allowed_hosts=[host, *allow_host], allowed_origins=allow_origin)
+    target = vm.open(memory, ray=ray, shards=shards) if ray is not None or shards is not None else memory
+    application = create_app(target, token=token, protect_reads=protect_reads, reranker=reranker)
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     say(f"serving {memory} at http://{shown}:{port}/  (API docs: /docs)")
     say(f"edit token: {token}")

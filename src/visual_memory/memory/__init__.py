@@ -56,6 +56,29 @@ def _score_dicts(totals: np.ndarray, labels: list[str], reached: np.ndarray) -> 
     return [dict(zip(names[a:b], vals[a:b])) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
+def encoder_from_manifest(want: dict, *, where) -> Encoder:
+    """Build the encoder a memory's manifest names (local weights first), checking its fingerprint."""
+    if not want.get("preprocess"):
+        raise EncoderMismatchError(f"{where}: this memory stores precomputed {want.get('dim')}-d vectors "
+                                   "without an encoder; pass vectors, not images")
+    # Weights loaded from a local folder/file: look there first (the fingerprint still decides).
+    extra = want.get("extra") or {}
+    local = extra.get("folder") or extra.get("file")
+    enc = create_encoder(want["name"], weights=local) if local and os.path.exists(local) else create_encoder(want["name"])
+    check_encoder(want, enc, where=where)
+    return enc
+
+
+def check_encoder(want: dict, enc: Encoder, *, where) -> None:
+    """Refuse an encoder whose fingerprint is not the manifest's."""
+    if enc.spec.fingerprint != want.get("fingerprint"):
+        raise EncoderMismatchError(
+            f"{where}: memory was made with encoder {want['name']!r} (fingerprint {want.get('fingerprint')}), "
+            f"not {enc.spec.name!r} (fingerprint {enc.spec.fingerprint}); its vectors are not comparable. "
+            "Open it without an encoder argument, or build a new memory for this encoder."
+        )
+
+
 class Memory:
     """An editable kNN image classifier over a durable memory directory.
 
@@ -71,8 +94,8 @@ class Memory:
     'cat'
     """
 
-    def __init__(self, store: Store, encoder: Optional[Encoder] = None) -> None:
-        self._state = MemoryState(store)
+    def __init__(self, store: Store, encoder: Optional[Encoder] = None, *, state: Optional[MemoryState] = None) -> None:
+        self._state = state if state is not None else MemoryState(store)
         self._encoder = encoder
 
     @property
@@ -104,26 +127,11 @@ class Memory:
     def encoder(self) -> Encoder:
         """The encoder, loaded on first use (opening a memory does not load a model)."""
         if self._encoder is None:
-            name = self._store.manifest["encoder"]["name"]
-            if self.encoder_spec is None:
-                raise EncoderMismatchError(f"{self.path}: this memory stores precomputed {self.dim}-d vectors "
-                                           "without an encoder; pass vectors, not images")
-            # Weights loaded from a local folder/file: look there first (the fingerprint still decides).
-            extra = self._store.manifest["encoder"].get("extra") or {}
-            local = extra.get("folder") or extra.get("file")
-            enc = create_encoder(name, weights=local) if local and os.path.exists(local) else create_encoder(name)
-            self._check_encoder(enc)
-            self._encoder = enc
+            self._encoder = encoder_from_manifest(self._store.manifest["encoder"], where=self.path)
         return self._encoder
 
     def _check_encoder(self, enc: Encoder) -> None:
-        want = self._store.manifest["encoder"]
-        if enc.spec.fingerprint != want.get("fingerprint"):
-            raise EncoderMismatchError(
-                f"{self.path}: memory was made with encoder {want['name']!r} (fingerprint {want.get('fingerprint')}), "
-                f"not {enc.spec.name!r} (fingerprint {enc.spec.fingerprint}); its vectors are not comparable. "
-                "Open it without an encoder argument, or build a new memory for this encoder."
-            )
+        check_encoder(self._store.manifest["encoder"], enc, where=self.path)
 
     def __len__(self) -> int:
         return self._state.rows.n_alive
@@ -272,6 +280,14 @@ class Memory:
         """The audit log: one entry per mutation, oldest first."""
         return self._store.audit_entries()
 
+    def close(self) -> None:
+        """Release what the memory holds beyond this process's RAM (the shard actors of a sharded memory).
+
+        Nothing is written; a sharded memory cannot search after it. A plain
+        memory holds nothing to release.
+        """
+        self._state.close()
+
     def refresh(self) -> bool:
         """Pick up versions committed by other processes; True if anything changed."""
         changed = self._store.refresh()
@@ -298,6 +314,8 @@ class Memory:
         lock_timeout: float = 0.0,
         dry_run: bool = False,
         probe=None,
+        ray: Optional[str] = None,
+        workers: Optional[int] = None,
     ) -> Union[AddResult, EditPreview]:
         """Embed images and add them as records.
 
@@ -325,6 +343,12 @@ class Memory:
             encoder (``mem.embed(images)``), e.g. outside a lock so that
             classification is not held up; validated and normalised. The
             images are then only decoded (for ids and thumbnails).
+        ray : {"local", "auto"} or "host:port", optional
+            Embed on a Ray cluster (see below): ``local`` starts Ray in this
+            process, ``auto`` uses ``RAY_ADDRESS``.
+        workers : int, optional
+            Embedding actors with ``ray`` (default: one per cluster CPU);
+            ``batch_size`` is then the images per Ray block (one data file each).
 
         Every image is decoded and validated, and every id checked, *before*
         anything is written: one bad image leaves the memory unchanged. Records
@@ -338,10 +362,26 @@ class Memory:
             before and after (k=50, rank vote; `EditPreview.with_probe` for others).
             The images to add are embedded only then.
 
+        With ``ray``, the images are embedded on a Ray cluster
+        (`visual_memory.distributed.ingest`): ``images`` are then folders,
+        image files, ``.parquet``/``.csv`` tables of paths or webdataset
+        ``.tar`` files. The same checks run first; all records are committed
+        as one version with one audit line; an interrupted run resumes when
+        run again.
+
         Returns
         -------
         AddResult(version, added, skipped), or EditPreview with ``dry_run``
         """
+        if ray is not None:
+            if vectors is not None or metadata is not None or dry_run:
+                raise ValueError("ray= embeds images on the cluster; vectors=, metadata= and dry_run= are not supported with it")
+            from ..distributed import ingest
+
+            return ingest.add_images(self._state, images, labels=labels, ids=ids, source=source,
+                                     skip_existing=skip_existing, address=ray, workers=workers,
+                                     block_rows=batch_size or ingest.BLOCK_ROWS, progress=progress,
+                                     lock_timeout=lock_timeout)
         self._check_probe(dry_run, probe)
         result = adding.add_images(
             self._state, self.encoder, images, labels=labels, ids=ids, source=source, metadata=metadata,
@@ -975,6 +1015,8 @@ def open(  # noqa: A001 - mirrors lance.dataset / io.open naming users expect
     encoder: Optional[str | Encoder] = None,
     read_only: bool = False,
     storage_options: Optional[dict] = None,
+    ray: Optional[str] = None,
+    shards: Optional[int] = None,
 ) -> Memory:
     """Open an existing memory.
 
@@ -991,6 +1033,15 @@ def open(  # noqa: A001 - mirrors lance.dataset / io.open naming users expect
         loaded lazily on the first image operation.
     storage_options : dict, optional
         Object storage settings (see `create`).
+    ray : {"local", "auto"} or "host:port", optional
+        Serve searches from Ray actors (`visual_memory.distributed.shards`):
+        the index is split into ``shards`` actors, each loading its rows from
+        the store; classify merges their top-k exactly and votes once, so an
+        exact memory answers exactly as in one process. Edits reach the
+        shards. ``local`` starts Ray in this process.
+    shards : int, optional
+        Shard actors (default 1 when ``ray`` is given; giving ``shards``
+        alone means ``ray="local"``).
 
     Raises
     ------
@@ -998,7 +1049,12 @@ def open(  # noqa: A001 - mirrors lance.dataset / io.open naming users expect
         If ``path`` is not a memory directory.
     """
     store = Store.open(path, version=version, read_only=read_only, storage_options=storage_options)
-    mem = Memory(store)
+    state = None
+    if ray is not None or shards is not None:
+        from ..distributed.shards import sharded_state
+
+        state = sharded_state(store, ray=ray or "local", shards=1 if shards is None else shards)
+    mem = Memory(store, state=state)
     if not store.read_only:
         editing.finish_pending_forget(mem._state)
     if encoder is not None:

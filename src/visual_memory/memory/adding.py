@@ -134,12 +134,11 @@ def check_new_ids(state: MemoryState, ids: list[str], skip_existing: bool) -> np
     return keep
 
 
-def commit(state: MemoryState, *, ids, labels, vectors, sources, metadata, thumbnails, op) -> None:
-    """One Lance commit of new records, then RAM, then one audit line."""
+def record_table(dim: int, *, ids, labels, vectors, sources, metadata=None, thumbnails=None) -> pa.Table:
+    """New records as an Arrow table of `record_schema` (weight 1, added now)."""
     n = len(ids)
-    dim = state.store.dim
     meta = [json.dumps(m, sort_keys=True) if m is not None else None for m in (metadata or [None] * n)]
-    table = pa.Table.from_arrays(
+    return pa.Table.from_arrays(
         [
             pa.array(ids, pa.string()),
             pa.array(labels, pa.string()),
@@ -152,6 +151,13 @@ def commit(state: MemoryState, *, ids, labels, vectors, sources, metadata, thumb
         ],
         schema=record_schema(dim),
     )
+
+
+def commit(state: MemoryState, *, ids, labels, vectors, sources, metadata, thumbnails, op) -> None:
+    """One Lance commit of new records, then RAM, then one audit line."""
+    n = len(ids)
+    table = record_table(state.store.dim, ids=ids, labels=labels, vectors=vectors, sources=sources,
+                         metadata=metadata, thumbnails=thumbnails)
     state.commit_table(table, vectors)
     state.store.audit(op, n=n, ids=ids, labels=sorted(set(labels)))
     state.after_mutation()

@@ -77,6 +77,9 @@ class MemoryState:
     def version(self) -> int:
         return self.store.version
 
+    def close(self) -> None:
+        """Release what this state holds beyond RAM (a sharded state stops its actors); nothing here."""
+
     def sync(self) -> None:
         """Catch up with commits made by other processes.
 
