@@ -32,7 +32,7 @@ from .base import Index, check_k, checked, drop_dead, pad_results
 
 BATCH = 4096  # queries per search call: bounds the (batch x n) similarity block
 BLAS_MIN_QUERIES = int(os.environ.get("VISMEM_BLAS_MIN_QUERIES", 8))  # measured: benchmarks/bench_search.py
-BF16_MIN_QUERIES = int(os.environ.get("VISMEM_BF16_MIN_QUERIES", 32))
+BF16_MIN_QUERIES = int(os.environ.get("VISMEM_BF16_MIN_QUERIES", 1))  # measured: bf16 wins from one query (half the bytes)
 BF16_MIN_ROWS = 50_000
 TIE_MARGIN = 8  # below this the float32 product is quick anyway; no bf16 copy is made
 
@@ -81,11 +81,13 @@ def bf16_knn(x: np.ndarray, copy: Bf16Copy, queries: np.ndarray, k: int,
     For a query q and row x, with q' and x' their bf16 roundings and s' the
     product as computed (float32 accumulation, then rounded to bf16)::
 
-        |q.x - s'| <= ||q|| ||x - x'|| + ||q - q'|| ||x'|| + 2^-8 max|s'|  =: B
+        |q.x - s'| <= ||q|| ||x - x'|| + ||q - q'|| ||x'|| + 2^-8 |s'|  =: B(s')
 
-    so a row whose s' is below the k-th best s' by more than 2B cannot be in
-    the float32 top-k. Candidates are widened (doubling) until that holds for
-    the first candidate left out, then re-ranked with the float32 vectors.
+    (the last term is bf16's rounding of the output, relative to the value).
+    A row whose upper bound s' + B(s') is below the k-th best lower bound
+    cannot be in the float32 top-k. Candidates are widened (doubling) until
+    that holds for the first candidate left out, then re-ranked with the
+    float32 vectors.
 
     Returns
     -------
@@ -105,17 +107,18 @@ def bf16_knn(x: np.ndarray, copy: Bf16Copy, queries: np.ndarray, k: int,
     else:
         n_live = n
     k = min(int(k), n_live)
-    top = max(1.0, float(copy.norm) * float(q_norm.max()))
-    bound = (q_norm * copy.err + q_err * copy.norm + 2.0**-8 * top).numpy()  # (Q,)
+    inputs = (q_norm * copy.err + q_err * copy.norm).numpy()  # (Q,): rounding of the two operands
+    u = 2.0**-8  # bf16 unit roundoff: the output's relative error
     out_s = np.empty((len(queries), k), np.float32)
     out_i = np.empty((len(queries), k), np.int64)
     todo = np.arange(len(queries))
     width = min(n_live, 2 * k + 16)
     while len(todo):
-        vals, idx = torch.topk(s[todo], width, dim=1)
+        vals, idx = torch.topk(s if len(todo) == len(queries) else s[todo], width, dim=1)  # no copy on the first pass
         vals, idx = vals.to(torch.float32).numpy(), idx.numpy()
         if width < n_live:
-            ok = vals[:, width - 1] < vals[:, k - 1] - 2.0 * bound[todo]
+            left_out, kth, b = vals[:, width - 1], vals[:, k - 1], inputs[todo]
+            ok = left_out + u * np.abs(left_out) + b < kth - u * np.abs(kth) - b
         else:
             ok = np.ones(len(todo), bool)
         done = todo[ok]
