@@ -79,7 +79,7 @@ import numpy as np
 from .errors import ErasureError
 from .results import ForgetReceipt
 from .storage import LEASE, LOCK, LocalStorage, Storage
-from .store import DERIVED_CACHE, Store, now_utc, sql_in, sql_quote, vectors_from_column
+from .store import DERIVED_CACHE, SAVED_INDEX, Store, now_utc, sql_in, sql_quote, vectors_from_column
 
 log = logging.getLogger(__name__)
 
@@ -338,6 +338,7 @@ def verify(
     vectors: Optional[dict[str, np.ndarray]],
     *,
     salt: str,
+    codes: Optional[dict[bytes, str]] = None,
     text: Iterable[str] = (),
     live: Optional[Callable[[], Iterable[str]]] = None,
     cache: Optional[dict] = None,
@@ -374,6 +375,9 @@ def verify(
             needles.setdefault(b, ("text", t))
     for rid, vec in (vectors or {}).items():
         needles[np.ascontiguousarray(vec, dtype=np.float32).tobytes()] = ("vector", rid)
+    for code, rid in (codes or {}).items():  # what a compressed index stores (PQ/SQ codes)
+        if len(code) >= MIN_SCAN_BYTES:
+            needles.setdefault(code, ("code", rid))
     sources = [("", storage)]
     if cache is not None:
         sources.append(("embedding-cache", LocalStorage(Path(cache["dir"])), cache["new_shards"]))
@@ -402,6 +406,7 @@ def verify(
         "bytes_scanned": n_bytes,
         "ids_scanned": len({v for k, v in needles.values() if k == "id"}),
         "vectors_scanned": kinds.count("vector"),
+        "codes_scanned": kinds.count("code"),
         "texts_scanned": kinds.count("text"),
         "ids_too_short": short["id"],
         "texts_too_short": short["text"],
@@ -476,6 +481,7 @@ def run(
     *,
     addresses: Optional[np.ndarray] = None,
     vectors: Optional[dict[str, np.ndarray]] = None,
+    codes: Optional[dict[bytes, str]] = None,
     verify_scan: bool = True,
     on_deleted: Optional[Callable[[], None]] = None,
     recovered: bool = False,
@@ -511,6 +517,8 @@ def run(
     # Derived caches (self-neighbour rows and similarities) describe the forgotten
     # records too; they are rebuilt on demand, so drop them rather than patch them.
     storage.delete_prefix(DERIVED_CACHE)
+    if recovered:  # a crash may have left the saved index holding them: the next open rebuilds it
+        storage.delete_prefix(SAVED_INDEX)
     storage.delete(JOURNAL + ".tmp")  # left by a crash while an earlier journal was being written
     from .cache import purge
 
@@ -525,7 +533,8 @@ def run(
             held_labels, held_sources = _all_texts(store, old)
             return list(live_ids | live_labels | live_sources | held_labels | held_sources)
 
-        verification = verify(storage, ids, vectors, salt=salt, text=text, live=live, cache=cache, progress=progress)
+        verification = verify(storage, ids, vectors, salt=salt, codes=codes, text=text, live=live, cache=cache,
+                              progress=progress)
     else:
         verification = {"ok": None, "skipped": True, "storage": storage.versioning()}
     verification["embedding_cache"] = {k: v for k, v in cache.items() if k != "new_shards"}

@@ -138,6 +138,20 @@ class RowTable:
         self.labels = LabelCodes()
         self.version = 0
 
+    @classmethod
+    def from_arrays(cls, ids: list[str], label_names: list[str], codes: np.ndarray, weights: np.ndarray,
+                    addresses: np.ndarray, alive: np.ndarray) -> "RowTable":
+        """A table from its columns (as `visual_memory.index.saved` stores them)."""
+        t = cls()
+        t._ids = list(ids)
+        t.labels = LabelCodes(label_names)
+        t._codes = np.asarray(codes, np.int32).copy()
+        t._weights = np.asarray(weights, np.float32).copy()
+        t._addr = np.asarray(addresses, np.uint64).copy()
+        t._alive = np.asarray(alive, bool).copy()
+        t._row_of = {rid: i for i, (rid, a) in enumerate(zip(t._ids, t._alive.tolist())) if a}
+        return t
+
     # -- reading -------------------------------------------------------------------------
 
     def __len__(self) -> int:

@@ -36,6 +36,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 RECORDS = "records.lance"
 DERIVED_CACHE = "cache"  # rebuildable derived data (e.g. self-neighbours); dropped by forget
+SAVED_INDEX = "index/"  # the saved approximate index (visual_memory.index.saved); rewritten by forget
 # Rewritten (a new random epoch) just before any old version is deleted (forget,
 # optimize's cleanup): a reader that sees a new epoch moves to the newest version
 # before it answers, so no process returns a forgotten record after the forget

@@ -6,7 +6,7 @@ Commands live in one module per concern (core, ...); each registers on `app`.
 from .app import app
 from . import core  # noqa: F401  (registers commands)
 
-for _optional in ("edit", "evaluate", "encoders", "serve", "demo"):
+for _optional in ("edit", "evaluate", "encoders", "index", "serve", "demo"):
     try:
         __import__(f"{__name__}.{_optional}")
     except ModuleNotFoundError as _exc:  # a concern not installed or not written yet

@@ -22,7 +22,8 @@ from .app import app, handle_errors, new_table, parse_ks, print_accuracy, print_
 def create(
     memory: str = typer.Argument(..., help="Directory (or object-store URI: s3://, gs://, az://) for the new memory."),
     encoder: str = typer.Option("efficientnet-lite0", "--encoder", "-e", help="Encoder name (see `vismem encoders`)."),
-    index: str = typer.Option("Flat", "--index", help='FAISS index factory string ("Flat" = exact).'),
+    index: str = typer.Option("Flat", "--index", help='FAISS index factory string ("Flat" = exact, "IVF4096,PQ48np", ...) '
+                                                      'or "auto" (chosen by size; see `vismem index build`).'),
 ) -> None:
     """Create an empty memory."""
     mem = vm.create(memory, encoder=encoder, index=index)
@@ -171,7 +172,9 @@ def info(
     say((data["path"], "bold"))
     say(f"  records  {data['count']}")
     say(f"  encoder  {data['encoder']} ({data['dim']}-d, fingerprint {data['encoder_fingerprint']})")
-    say(f"  index    {data['index']}")
+    say(f"  index    {data['index']}" + (f" ({data['index_stats']['spec']})" if data['index_stats']['spec'] != data['index'] else ""))
+    if data.get("index_note"):
+        say(f"           {data['index_note']}")
     say(f"  version  {data['version']}")
     say(f"  on disk  {data['size_bytes'] / 1e6:.1f} MB")
     table = new_table("label", "records", keep=("label",), right=("records",))

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -63,23 +62,14 @@ def _kill(actors: list) -> None:
 
 
 def _index_bytes(index: Index) -> bytes:
-    """An index serialised through its own `save` (what a shard holds, as bytes)."""
-    with tempfile.TemporaryDirectory(prefix="vismem-shard-") as d:
-        path = Path(d) / "index"
-        index.save(path)
-        return b"".join(p.read_bytes() for p in sorted(Path(d).iterdir()))
+    """An index as bytes (what a shard holds)."""
+    return index.to_bytes()
 
 
 def _index_from_bytes(blob: bytes, dim: int, spec: str) -> Index:
     from ..index import ExactIndex, FaissIndex
 
-    cls = ExactIndex if spec == "Flat" else FaissIndex
-    with tempfile.TemporaryDirectory(prefix="vismem-shard-") as d:
-        path = Path(d) / "index"
-        path.write_bytes(blob)
-        if cls is FaissIndex:  # its save writes the tombstone mask beside it; a fresh index has none dead
-            np.save(str(path) + ".alive.npy", np.zeros(0, bool))
-        return cls.load(path, dim, spec)
+    return (ExactIndex if spec == "Flat" else FaissIndex).from_bytes(blob, dim, spec)
 
 
 class Shard:
@@ -408,11 +398,11 @@ class ShardedIndex(Index):
 
         return ray.get([sh.scan.remote(list(needles)) for sh in self.shards])
 
-    def save(self, path: Path) -> None:
-        raise NotImplementedError("a sharded index lives in its actors; it is rebuilt from the store on open")
+    def to_bytes(self) -> bytes:
+        raise NotImplementedError("a sharded index lives in its actors; each shard's index is saved by the shard")
 
     @classmethod
-    def load(cls, path: Path, dim: int, spec: str) -> "ShardedIndex":
+    def from_bytes(cls, blob: bytes, dim: int, spec: str) -> "ShardedIndex":
         raise NotImplementedError("open a sharded memory with visual_memory.open(path, ray=..., shards=N)")
 
     def stats(self) -> dict[str, Any]:
@@ -437,9 +427,13 @@ class ShardedState(MemoryState):
         if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
             raise ValueError(f"shards must be a positive integer; got {shards!r}")
         self.n_shards = shards
-        self.spec = spec or store.manifest.get("index", "Flat")
+        self.shard_spec = spec or store.manifest.get("index", "Flat")
+        if self.shard_spec == "auto":
+            from ..index.auto import resolve
+
+            self.shard_spec = resolve(store.count(), store.dim, budget=store.manifest.get("index_budget"))
         self.train_sample = int(train_sample)
-        make_index(self.spec, store.dim)  # validates the spec before any actor starts
+        make_index(self.shard_spec, store.dim)  # validates the spec before any actor starts
         super().__init__(store)
 
     def _start_shards(self, trained: Optional[bytes]) -> list:
@@ -449,7 +443,7 @@ class ShardedState(MemoryState):
         uri = self.store.dataset.uri
         trained_ref = ray.put(trained) if trained is not None else None
         actors = [actor.options(scheduling_strategy="SPREAD").remote(shard=s, uri=uri, dim=self.store.dim,
-                                                                    spec=self.spec, trained=trained_ref,
+                                                                    spec=self.shard_spec, trained=trained_ref,
                                                                     storage_options=self.store.storage.lance_options)
                   for s in range(self.n_shards)]
         try:
@@ -465,22 +459,38 @@ class ShardedState(MemoryState):
 
     def _train(self) -> Optional[bytes]:
         """Train an approximate index once, on a sample of stored vectors; its bytes (None for exact)."""
-        ix = make_index(self.spec, self.store.dim)
-        if self.spec == "Flat" or ix.is_trained:
+        ix = make_index(self.shard_spec, self.store.dim)
+        if self.shard_spec == "Flat" or ix.is_trained:
             return None
         n = self.store.count()
         if n == 0:
-            raise VisualMemoryError(f"{self.store.path}: index {self.spec!r} needs training vectors; the memory is empty")
+            raise VisualMemoryError(f"{self.store.path}: index {self.shard_spec!r} needs training vectors; the memory is empty")
         take = np.sort(np.random.default_rng(0).choice(n, size=min(n, self.train_sample), replace=False))
         sample = self.store.dataset.take(take, columns=["vector"]).column("vector")
         ix.train(vectors_from_column(sample, self.store.dim))
         return _index_bytes(ix)
 
-    def load(self) -> None:
+    sharded = True
+
+    @property
+    def saves_index(self) -> bool:
+        return False  # the shards rebuild from the records on open (see the module docstring)
+
+    def save_index(self, *, force: bool = False, opportunistic: bool = False) -> bool:
+        return False
+
+    def index_codes(self, vectors):
+        return None  # each shard scans its own serialised index for the vectors (`Shard.erase`)
+
+    def search(self, queries: np.ndarray, k: int, *, params: Optional[dict] = None):
+        return self.index.search(queries, k, params=params)
+
+    def load(self, *, use_saved: bool = True, progress=None) -> None:
         st = self.store
         self.close()  # a reload starts fresh actors; free the old ones first
         self.rows = RowTable()
-        self.index = ShardedIndex(self._start_shards(self._train()), st.dim, self.spec)
+        self.load_note = f"{self.n_shards} shard actor(s), built from the records"
+        self.index = ShardedIndex(self._start_shards(self._train()), st.dim, self.shard_spec)
         self._known_frags = set(st.fragment_ids())
         self._load_fragments(list(st.dataset.get_fragments()), st.version)
         self.rows.version = st.version

@@ -3,26 +3,31 @@
 ``make_index(spec, dim)`` builds an index from a FAISS-style factory string:
 ``"Flat"`` is exact search (`ExactIndex`, the default and the reference);
 anything else is a FAISS factory index (`FaissIndex`: ``"IVF1024,Flat"``,
-``"IVF1024,PQ48np"``, ``"HNSW32"``...). Every backend implements `Index`.
+``"IVF1024,PQ48np"``, ``"HNSW32"``...); ``"auto"`` lets the memory choose by
+its size and a RAM budget (`auto`). Every backend implements `Index`; a
+trained approximate index is saved beside the records (`saved`).
 """
 
 from __future__ import annotations
 
 from .base import MAX_K, Index, as_queries, check_k
 from .exact import ExactIndex, drop_self, exact_knn, exact_self_knn
-from .faiss_ann import FaissIndex, build_faiss
+from .auto import AUTO
+from .faiss_ann import FaissIndex, build_faiss, min_train_size
 
 EXACT = "Flat"
 
-__all__ = ["EXACT", "MAX_K", "ExactIndex", "FaissIndex", "Index", "as_queries", "check_k", "drop_self", "exact_knn",
-           "exact_self_knn", "make_index", "validate_spec"]
+__all__ = ["AUTO", "EXACT", "MAX_K", "ExactIndex", "FaissIndex", "Index", "as_queries", "check_k", "drop_self", "exact_knn",
+           "exact_self_knn", "make_index", "min_train_size", "validate_spec"]
 
 
 def validate_spec(spec: str, dim: int) -> str:
-    """Check a factory string at the memory's real dimension; returns it (stripped)."""
+    """Check a factory string at the memory's real dimension; returns it (stripped). ``"auto"`` passes."""
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"index must be a non-empty FAISS factory string such as 'Flat' or 'IVF1024,PQ48np'; got {spec!r}")
     spec = spec.strip()
+    if spec == AUTO:
+        return spec
     if spec != EXACT:
         build_faiss(spec, dim)
     return spec
@@ -31,4 +36,6 @@ def validate_spec(spec: str, dim: int) -> str:
 def make_index(spec: str, dim: int) -> Index:
     """An empty index of this kind for ``dim``-d vectors."""
     spec = validate_spec(spec, dim)
+    if spec == AUTO:
+        raise ValueError("'auto' is resolved by the memory (visual_memory.index.auto.resolve) before an index is made")
     return ExactIndex(dim, spec) if spec == EXACT else FaissIndex(dim, spec)

@@ -13,7 +13,7 @@ remove      rows never appear in results again
 erase       remove, and overwrite every in-RAM byte derived from the rows (may compact)
 search      (similarities, rows) of the k nearest live rows; per-call params
 compact     drop removed rows; returns the old position of each kept row
-save/load   a file (or folder) beside the records
+to_bytes    the whole index as bytes (saved beside the records; from_bytes reads it)
 stats       a small dict for `vismem info`
 ==========  ===============================================================
 """
@@ -21,6 +21,7 @@ stats       a small dict for `vismem info`
 from __future__ import annotations
 
 import abc
+import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -174,13 +175,28 @@ class Index(abc.ABC):
         raise NotImplementedError(f"index {self.spec!r} does not keep the vectors losslessly; read them from the store")
 
     @abc.abstractmethod
-    def save(self, path: Path) -> None:
-        """Write the index to ``path`` (a file; atomically replaced)."""
+    def to_bytes(self) -> bytes:
+        """The whole index as bytes (what `visual_memory.index.saved` writes beside the records)."""
 
     @classmethod
     @abc.abstractmethod
-    def load(cls, path: Path, dim: int, spec: str) -> "Index":
-        """Read an index written by `save`."""
+    def from_bytes(cls, blob: bytes, dim: int, spec: str) -> "Index":
+        """Read bytes written by `to_bytes`."""
+
+    def save(self, path: Path) -> None:
+        """Write `to_bytes` to a local file (atomically replaced, fsync'd)."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            f.write(self.to_bytes())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path, dim: int, spec: str = "Flat") -> "Index":
+        """Read a file written by `save`."""
+        return cls.from_bytes(Path(path).read_bytes(), dim, spec)
 
     def stats(self) -> dict[str, Any]:
         return {"spec": self.spec, "dim": self.dim, "ntotal": self.ntotal, "alive": self.n_alive,

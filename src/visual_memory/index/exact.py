@@ -22,7 +22,6 @@ The kernel is chosen per batch, for the CPU it runs on:
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
@@ -375,19 +374,19 @@ class ExactIndex(Index):
         self._n = self._n_alive = len(keep)
         return keep
 
-    def save(self, path: Path) -> None:
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            np.savez(f, x=self._x[: self._n], alive=self._alive[: self._n])
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+    def to_bytes(self) -> bytes:
+        import io
+
+        buf = io.BytesIO()
+        np.savez(buf, x=self._x[: self._n], alive=self._alive[: self._n])
+        return buf.getvalue()
 
     @classmethod
-    def load(cls, path: Path, dim: int, spec: str = "Flat") -> "ExactIndex":
+    def from_bytes(cls, blob: bytes, dim: int, spec: str = "Flat") -> "ExactIndex":
+        import io
+
         ix = cls(dim, spec)
-        with np.load(path) as z:
+        with np.load(io.BytesIO(blob)) as z:
             x, alive = z["x"], z["alive"]
         ix._x, ix._alive = np.ascontiguousarray(x, np.float32), alive.astype(bool)
         ix._n, ix._n_alive = len(x), int(alive.sum())

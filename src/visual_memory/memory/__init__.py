@@ -272,6 +272,7 @@ class Memory:
             "dim": self.dim,
             "index": self._store.manifest.get("index", "Flat"),
             "index_stats": self._state.index.stats(),
+            "index_note": self._state.index_note(),
             "version": self.version,
             "size_bytes": self._store.size_bytes(),
         }
@@ -505,7 +506,7 @@ class Memory:
         check_k(k)
         q = self._query_vectors(queries, progress)
         self._fresh()
-        return self._state.index.search(q, max(1, min(k, len(self))), params=params)
+        return self._state.search(q, max(1, min(k, len(self))), params=params)
 
     def kneighbors(self, queries, *, k: int = 50, progress: bool | str = False,
                    **search_params) -> tuple[np.ndarray, list[list[Optional[str]]]]:
@@ -935,6 +936,41 @@ class Memory:
         ``readable`` (the version can still be opened), ``tags`` (names on it).
         """
         return editing.versions(self._state)
+
+    def build_index(self, index: Optional[str] = None, *, budget: Union[str, int, None] = None,
+                    lock_timeout: float = 0.0, progress: bool | str | None = None) -> dict[str, Any]:
+        """Rebuild the search index from the records, or change it (``vismem index build``).
+
+        Parameters
+        ----------
+        index : str, optional
+            A FAISS factory string (``"IVF4096,PQ48np"``), ``"Flat"`` (exact)
+            or ``"auto"`` (chosen by size and ``budget``); by default the
+            memory's own, retrained on a fresh random sample.
+        budget : str or int, optional
+            RAM the index may use, for ``auto`` (``"4GB"``; default: half the RAM).
+
+        Returns
+        -------
+        dict with ``spec``, ``resolved`` (what ``auto`` chose), ``records``,
+        ``seconds`` and ``exact_until`` (records needed before the index trains).
+        The old index serves until the new one is whole.
+        """
+        from . import indexing
+
+        return indexing.build(self._state, index, budget=budget, lock_timeout=lock_timeout, progress=progress)
+
+    def check_index(self, *, queries: int = 200, k: int = 50, params: Optional[dict] = None, seed: int = 0,
+                    progress: bool | str | None = None) -> dict[str, Any]:
+        """Measure the index against exact search on ``queries`` of the memory's own records.
+
+        Returns ``{"recall_at_k", "agreement", "k", "queries", "speedup", ...}``:
+        agreement is the share of queries whose voted (rank) label is the same.
+        """
+        from . import indexing
+
+        self._fresh()
+        return indexing.check(self._state, queries=queries, k=k, params=params, seed=seed, progress=progress)
 
     def optimize(self, *, cleanup_older_than: Optional[timedelta] = None, lock_timeout: float = 0.0) -> OptimizeResult:
         """Compact the records table and the in-RAM index.

@@ -282,9 +282,17 @@ def forget(state: MemoryState, *, ids=None, label=None, source=None, where=None,
         dead_rows = [r for r, i in enumerate(state.rows.ids) if i in past_set] if past else []
         ram_rows = np.concatenate([rows, np.asarray(dead_rows, np.int64)])
 
+        # A compressed index stores codes, not vectors: the scan looks for those bytes too.
+        codes = state.index_codes(vectors) if verify else None
+
+        def erase_in_ram() -> None:
+            state.remove_rows(ram_rows, erase=True)
+            state.drop_shared_codes(codes)
+            state.save_index(force=True)  # before the scan, so the scan covers the index file that stays
+
         try:
-            receipt = erasure.run(st, journal, addresses=addrs, vectors=vectors, verify_scan=verify, progress=progress,
-                                  on_deleted=lambda: state.remove_rows(ram_rows, erase=True))
+            receipt = erasure.run(st, journal, addresses=addrs, vectors=vectors, codes=codes, verify_scan=verify,
+                                  progress=progress, on_deleted=erase_in_ram)
         finally:
             state.committed()
         state.after_mutation()

@@ -1,0 +1,157 @@
+"""The index saved beside the records, so `open` loads it instead of rebuilding it.
+
+Layout under the memory (through its `visual_memory.storage.Storage`, so
+object storage too)::
+
+    index/meta.json                  written last: which files, their sha256, the version
+    index/rows-<version>-<tag>.arrow the row table (ids, labels, weights, row addresses, alive)
+    index/index-<version>-<tag>.bin  the index's `to_bytes`
+
+A saved index is derived data and may never give a wrong answer, so `load`
+trusts it only if the meta names this memory's encoder, dimension and index
+spec, both files hash to what the meta says, and the sizes agree; anything
+else (missing, corrupt, a crash mid-save, another spec) returns None and the
+memory rebuilds from the records. The version in the meta may be older than
+the memory's: the memory then catches up with the appends since (or rebuilds
+if anything else changed). Files are never overwritten: a save writes new
+names, then the meta, then deletes the old files, so a crash at any point
+leaves either the old or the new index whole.
+
+Exact ("Flat") memories save nothing: their index is the vectors, and reading
+them from the records costs about as much as reading a copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import secrets
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+
+from ..rows import RowTable
+from ..store import SAVED_INDEX
+from .base import Index
+
+log = logging.getLogger(__name__)
+
+PREFIX = SAVED_INDEX
+META = PREFIX + "meta.json"
+FORMAT = 1
+
+
+@dataclass
+class Saved:
+    rows: RowTable
+    index: Index
+    version: int
+    fragments: list[int]
+    meta: dict
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def rows_to_bytes(rows: RowTable) -> bytes:
+    # Only labels live rows carry: a label only forgotten records had must leave no byte here.
+    alive = rows.alive
+    used = np.unique(rows.codes[alive])
+    remap = np.full(max(len(rows.labels), 1), -1, np.int32)
+    remap[used] = np.arange(len(used), dtype=np.int32)
+    codes = np.where(alive, remap[rows.codes] if len(rows) else rows.codes, 0).astype(np.int32)
+    names = [rows.labels[int(c)] for c in used.tolist()] or [""]
+    labels = pa.DictionaryArray.from_arrays(pa.array(codes, pa.int32()), pa.array(names, pa.string()))
+    table = pa.table({"id": pa.array(rows.ids, pa.string()), "label": labels, "weight": pa.array(rows.weights),
+                      "address": pa.array(rows.addresses), "alive": pa.array(rows.alive)})
+    sink = io.BytesIO()
+    with pa.ipc.new_file(sink, table.schema) as w:
+        w.write_table(table)
+    return sink.getvalue()
+
+
+def rows_from_bytes(data: bytes) -> RowTable:
+    table = pa.ipc.open_file(pa.BufferReader(data)).read_all().combine_chunks()
+    label = table.column("label").chunk(0) if table.num_rows else None
+    return RowTable.from_arrays(
+        table.column("id").to_pylist(),
+        label.dictionary.to_pylist() if label is not None else [],
+        label.indices.to_numpy(zero_copy_only=False).astype(np.int32) if label is not None else np.zeros(0, np.int32),
+        table.column("weight").to_numpy(),
+        table.column("address").to_numpy(),
+        table.column("alive").to_numpy(zero_copy_only=False).astype(bool),
+    )
+
+
+def save(storage, rows: RowTable, index: Index, *, version: int, spec: str, dim: int, fingerprint: Optional[str],
+         fragments: list[int]) -> dict:
+    """Write the row table and the index for ``version``; returns the meta written."""
+    if len(rows) != index.ntotal:
+        raise ValueError(f"row table has {len(rows)} rows but the index {index.ntotal}: not saved")
+    tag = secrets.token_hex(4)
+    files = {"rows": f"{PREFIX}rows-{version}-{tag}.arrow", "index": f"{PREFIX}index-{version}-{tag}.bin"}
+    blobs = {"rows": rows_to_bytes(rows), "index": index.to_bytes()}
+    for key, name in files.items():
+        storage.write(name, blobs[key])
+    from ..erasure import crash_point
+
+    crash_point("index:files-written")
+    meta = {"format": FORMAT, "version": int(version), "spec": spec, "dim": int(dim), "fingerprint": fingerprint,
+            "rows": len(rows), "alive": int(rows.n_alive), "fragments": sorted(int(f) for f in fragments),
+            "files": files, "sha256": {k: _sha(v) for k, v in blobs.items()},
+            "bytes": {k: len(v) for k, v in blobs.items()}}
+    storage.write(META, json.dumps(meta, indent=1).encode())
+    keep = set(files.values()) | {META}
+    for name, _ in storage.walk():
+        if name.startswith(PREFIX) and name not in keep:
+            storage.delete(name)
+    return meta
+
+
+def read_meta(storage) -> Optional[dict]:
+    raw = storage.read(META)
+    if raw is None:
+        return None
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return None
+
+
+def load(storage, *, spec: str, dim: int, fingerprint: Optional[str], index_class) -> tuple[Optional[Saved], str]:
+    """The saved index if it is whole and describes this memory, else (None, why)."""
+    meta = read_meta(storage)
+    if meta is None:
+        return None, "no saved index" if not storage.exists(META) else "unreadable index/meta.json"
+    if meta.get("format") != FORMAT:
+        return None, f"saved index format {meta.get('format')!r}, not {FORMAT}"
+    for key, want in (("spec", spec), ("dim", int(dim)), ("fingerprint", fingerprint)):
+        if meta.get(key) != want:
+            return None, f"saved index has {key}={meta.get(key)!r}, the memory {want!r}"
+    blobs = {}
+    for key in ("rows", "index"):
+        data = storage.read(meta["files"][key])
+        if data is None:
+            return None, f"saved index file {meta['files'][key]} is missing"
+        if _sha(data) != meta["sha256"][key]:
+            return None, f"saved index file {meta['files'][key]} is corrupt (sha256 differs from index/meta.json)"
+        blobs[key] = data
+    try:
+        rows = rows_from_bytes(blobs["rows"])
+        index = index_class.from_bytes(blobs["index"], dim, spec)
+    except Exception as exc:  # noqa: BLE001 - any unreadable derived file means: rebuild
+        return None, f"saved index unreadable ({type(exc).__name__}: {exc})"
+    if len(rows) != index.ntotal or rows.n_alive != index.n_alive or len(rows) != meta["rows"]:
+        return None, "saved row table and index disagree in size"
+    rows.version = int(meta["version"])
+    return Saved(rows, index, int(meta["version"]), list(meta.get("fragments", [])), meta), "loaded"
+
+
+def remove(storage) -> int:
+    """Delete every saved index file (forget's recovery; a spec change)."""
+    return storage.delete_prefix(PREFIX)
