@@ -24,8 +24,12 @@ where the vote runs, on the driver, so they take effect at once on every shard.
 
 An approximate spec (``"IVF256,PQ48np"``) is trained **once**, on a sample of
 the stored vectors drawn by the driver; every shard starts from a copy of the
-trained, empty index (via `Index.save`/`load`) and adds its fragments in
-parallel.
+trained, empty index (`Index.to_bytes`) and adds its fragments in parallel.
+It is then saved with the memory like a local index (`visual_memory.index.saved`:
+one part per shard, the row table and the row -> shard map), so the next
+``open(path, ray=..., shards=N)`` with the same N restores each shard from its
+part instead of retraining and re-reading every vector. An exact sharded
+memory saves nothing: its shards read their vectors in parallel.
 """
 
 from __future__ import annotations
@@ -38,8 +42,9 @@ from typing import Any, Optional
 import numpy as np
 
 from ..errors import ErasureError, VisualMemoryError
-from ..index import Index, make_index
+from ..index import Index, make_index, min_train_size
 from ..index.base import check_k, checked, pad_results
+from ..index import saved as index_saved
 from ..memory.state import MemoryState
 from ..rows import RowTable
 from ..store import vectors_from_column
@@ -112,6 +117,27 @@ class Shard:
         addrs = np.concatenate(out) if out else np.zeros(0, np.uint64)
         self.addresses = np.concatenate([self.addresses, addrs])
         return addrs
+
+    def codes(self, vectors: np.ndarray) -> list[bytes]:
+        """What a compressed index stores for these vectors ([] for one that stores the vectors)."""
+        ix = self.index
+        return ix.codes(vectors) if getattr(ix, "compressed", False) else []
+
+    def live_codes(self, codes: list[bytes]) -> set[bytes]:
+        live = getattr(self.index, "live_codes_among", None)
+        return live(codes) if live is not None else set()
+
+    def dump(self) -> bytes:
+        """This shard's index and row addresses as bytes (what the memory saves)."""
+        blob = self.index.to_bytes()
+        return len(blob).to_bytes(8, "little") + blob + self.addresses.tobytes()
+
+    def restore(self, data: bytes) -> int:
+        """Take back what `dump` gave; returns the rows restored."""
+        n = int.from_bytes(data[:8], "little")
+        self.index = _index_from_bytes(data[8 : 8 + n], self.dim, self.spec)
+        self.addresses = np.frombuffer(data[8 + n :], np.uint64).copy()
+        return self.index.ntotal
 
     def add(self, vectors: np.ndarray, addresses: np.ndarray) -> int:
         """Append rows; returns the local row of the first."""
@@ -304,6 +330,22 @@ class ShardedIndex(Index):
                 raise VisualMemoryError(f"shard {s} loaded {len(addrs)} rows that disagree with the row table's "
                                         f"{len(expected)} (the records changed while it loaded); reopen the memory")
 
+    def map_bytes(self) -> bytes:
+        """Which shard and local row holds each memory row (saved with the shards)."""
+        import io
+
+        buf = io.BytesIO()
+        np.savez(buf, owner=self._owner, local=self._local, alive=self._alive,
+                 **{f"global_{s}": g for s, g in enumerate(self._global)})
+        return buf.getvalue()
+
+    def restore_map(self, data: bytes) -> None:
+        import io
+
+        with np.load(io.BytesIO(data)) as z:
+            self._owner, self._local, self._alive = z["owner"], z["local"], z["alive"].astype(bool)
+            self._global = [z[f"global_{s}"] for s in range(len(self.shards))]
+
     def place_loaded(self, shard: int, n: int, first_local: int) -> None:
         self._place(shard, first_local, n)
 
@@ -434,6 +476,8 @@ class ShardedState(MemoryState):
             self.shard_spec = resolve(store.count(), store.dim, budget=store.manifest.get("index_budget"))
         self.train_sample = int(train_sample)
         make_index(self.shard_spec, store.dim)  # validates the spec before any actor starts
+        if spec is None and store.count() < min_train_size(self.shard_spec):
+            self.shard_spec = "Flat"  # as in one process: exact until there are enough records to train
         super().__init__(store)
 
     def _start_shards(self, trained: Optional[bytes]) -> list:
@@ -474,13 +518,70 @@ class ShardedState(MemoryState):
 
     @property
     def saves_index(self) -> bool:
-        return False  # the shards rebuild from the records on open (see the module docstring)
+        """An approximate sharded index is saved (each shard's part); an exact one reloads its vectors in parallel."""
+        return self.shard_spec != "Flat" and isinstance(getattr(self, "index", None), ShardedIndex)
 
-    def save_index(self, *, force: bool = False, opportunistic: bool = False) -> bool:
-        return False
+    def _write_index(self) -> bool:
+        import ray
+
+        st = self.store
+        self.addresses(np.zeros(0, np.int64))
+        parts = {f"shard-{i}": b for i, b in enumerate(ray.get([sh.dump.remote() for sh in self.index.shards]))}
+        parts["map"] = self.index.map_bytes()
+        index_saved.save_parts(st.storage, self.rows, parts, version=self.rows.version, spec=self.shard_spec,
+                               dim=st.dim, fingerprint=self._fingerprint(), fragments=sorted(self._known_frags),
+                               shards=self.n_shards)
+        self._saved_version, self._appended_since_save = self.rows.version, 0
+        return True
 
     def index_codes(self, vectors):
-        return None  # each shard scans its own serialised index for the vectors (`Shard.erase`)
+        """Code needles, from one shard: every shard shares the quantiser trained once."""
+        import ray
+
+        if not vectors or not self.saves_index:
+            return None
+        ids = list(vectors)
+        codes = ray.get(self.index.shards[0].codes.remote(np.stack([vectors[i] for i in ids])))
+        return dict(zip(codes, ids)) if codes else None
+
+    def drop_shared_codes(self, codes) -> None:
+        if codes:  # the driver holds no codes: ask each shard which needles it still stores
+            import ray
+
+            for held in ray.get([sh.live_codes.remote(list(codes)) for sh in self.index.shards]):
+                for code in held:
+                    codes.pop(code, None)
+
+    def _load_saved_shards(self) -> bool:
+        import ray
+
+        st = self.store
+        found, why = index_saved.load_parts(st.storage, spec=self.shard_spec, dim=st.dim,
+                                            fingerprint=self._fingerprint(), shards=self.n_shards)
+        if found is None:
+            self.load_note = why
+            return False
+        rows, blobs, meta = found
+        version = int(meta["version"])
+        appended = [] if version == st.version else self._appended_fragments(version)
+        if version > st.version or appended is None:
+            self.load_note = f"saved index is of version {version}, the memory {st.version}"
+            return False
+        self.index = ShardedIndex(self._start_shards(None), st.dim, self.shard_spec)
+        sizes = ray.get([sh.restore.remote(ray.put(blobs[f"shard-{i}"])) for i, sh in enumerate(self.index.shards)])
+        self.index.restore_map(blobs["map"])
+        if sum(sizes) != len(rows) or self.index.ntotal != len(rows):
+            self.close()
+            self.load_note = "saved shards and row table disagree in size"
+            return False
+        self.rows, self._known_frags = rows, set(meta.get("fragments", []))
+        self._saved_version, self._appended_since_save = version, 0
+        if appended:
+            self._load_fragments(appended, st.version)
+            self._known_frags |= {f.fragment_id for f in appended}
+        self.rows.version = st.version
+        self.load_note = f"{self.n_shards} shard actor(s), loaded the saved index of version {version}"
+        return True
 
     def search(self, queries: np.ndarray, k: int, *, params: Optional[dict] = None):
         return self.index.search(queries, k, params=params)
@@ -488,12 +589,18 @@ class ShardedState(MemoryState):
     def load(self, *, use_saved: bool = True, progress=None) -> None:
         st = self.store
         self.close()  # a reload starts fresh actors; free the old ones first
+        if self.shard_spec != "Flat" and use_saved and self._load_saved_shards():
+            return
+        why = self.load_note
+        trained = self._train()
         self.rows = RowTable()
-        self.load_note = f"{self.n_shards} shard actor(s), built from the records"
-        self.index = ShardedIndex(self._start_shards(self._train()), st.dim, self.shard_spec)
+        self.index = ShardedIndex(self._start_shards(trained), st.dim, self.shard_spec)
         self._known_frags = set(st.fragment_ids())
         self._load_fragments(list(st.dataset.get_fragments()), st.version)
         self.rows.version = st.version
+        self._saved_version, self._appended_since_save = None, 0
+        self.load_note = f"{self.n_shards} shard actor(s), built from the records" + (f" ({why})" if why else "")
+        self.save_index(force=True, opportunistic=True)
 
     def _load_fragments(self, frags: list, version: int) -> None:
         """Row table on the driver (no vectors); runs of rows to the shards (`plan_chunks`), read there."""
@@ -551,6 +658,7 @@ class ShardedState(MemoryState):
     def append_rows(self, ids, labels, weights, vectors, addresses=None) -> None:
         self.index.add(vectors, addresses)
         self.rows.append(ids, labels, weights, addresses)
+        self._appended_since_save += len(ids)
 
     def sync(self) -> None:
         st = self.store

@@ -6,6 +6,7 @@ object storage too)::
     index/meta.json                  written last: which files, their sha256, the version
     index/rows-<version>-<tag>.arrow the row table (ids, labels, weights, row addresses, alive)
     index/index-<version>-<tag>.bin  the index's `to_bytes`
+                                     (a sharded memory: shard-<i>-... per shard, and map-...)
 
 A saved index is derived data and may never give a wrong answer, so `load`
 trusts it only if the meta names this memory's encoder, dimension and index
@@ -93,18 +94,25 @@ def save(storage, rows: RowTable, index: Index, *, version: int, spec: str, dim:
     """Write the row table and the index for ``version``; returns the meta written."""
     if len(rows) != index.ntotal:
         raise ValueError(f"row table has {len(rows)} rows but the index {index.ntotal}: not saved")
+    return save_parts(storage, rows, {"index": index.to_bytes()}, version=version, spec=spec, dim=dim,
+                      fingerprint=fingerprint, fragments=fragments)
+
+
+def save_parts(storage, rows: RowTable, parts: dict[str, bytes], *, version: int, spec: str, dim: int,
+               fingerprint: Optional[str], fragments: list[int], shards: Optional[int] = None) -> dict:
+    """Write the row table and named index parts (one ``index``, or a sharded memory's shards and map)."""
     tag = secrets.token_hex(4)
-    files = {"rows": f"{PREFIX}rows-{version}-{tag}.arrow", "index": f"{PREFIX}index-{version}-{tag}.bin"}
-    blobs = {"rows": rows_to_bytes(rows), "index": index.to_bytes()}
+    blobs = {"rows": rows_to_bytes(rows), **parts}
+    files = {key: f"{PREFIX}{key}-{version}-{tag}.{'arrow' if key == 'rows' else 'bin'}" for key in blobs}
     for key, name in files.items():
         storage.write(name, blobs[key])
     from ..erasure import crash_point
 
     crash_point("index:files-written")
     meta = {"format": FORMAT, "version": int(version), "spec": spec, "dim": int(dim), "fingerprint": fingerprint,
-            "rows": len(rows), "alive": int(rows.n_alive), "fragments": sorted(int(f) for f in fragments),
-            "files": files, "sha256": {k: _sha(v) for k, v in blobs.items()},
-            "bytes": {k: len(v) for k, v in blobs.items()}}
+            "shards": shards, "rows": len(rows), "alive": int(rows.n_alive),
+            "fragments": sorted(int(f) for f in fragments), "files": files,
+            "sha256": {k: _sha(v) for k, v in blobs.items()}, "bytes": {k: len(v) for k, v in blobs.items()}}
     storage.write(META, json.dumps(meta, indent=1).encode())
     keep = set(files.values()) | {META}
     for name, _ in storage.walk():
@@ -123,32 +131,47 @@ def read_meta(storage) -> Optional[dict]:
         return None
 
 
-def load(storage, *, spec: str, dim: int, fingerprint: Optional[str], index_class) -> tuple[Optional[Saved], str]:
-    """The saved index if it is whole and describes this memory, else (None, why)."""
+def load_parts(storage, *, spec: str, dim: int, fingerprint: Optional[str],
+               shards: Optional[int] = None) -> tuple[Optional[tuple[RowTable, dict, dict]], str]:
+    """(row table, {part: bytes}, meta) if the saved files are whole and describe this memory, else (None, why)."""
     meta = read_meta(storage)
     if meta is None:
         return None, "no saved index" if not storage.exists(META) else "unreadable index/meta.json"
     if meta.get("format") != FORMAT:
         return None, f"saved index format {meta.get('format')!r}, not {FORMAT}"
-    for key, want in (("spec", spec), ("dim", int(dim)), ("fingerprint", fingerprint)):
+    for key, want in (("spec", spec), ("dim", int(dim)), ("fingerprint", fingerprint), ("shards", shards)):
         if meta.get(key) != want:
             return None, f"saved index has {key}={meta.get(key)!r}, the memory {want!r}"
     blobs = {}
-    for key in ("rows", "index"):
-        data = storage.read(meta["files"][key])
+    for key, name in meta["files"].items():
+        data = storage.read(name)
         if data is None:
-            return None, f"saved index file {meta['files'][key]} is missing"
+            return None, f"saved index file {name} is missing"
         if _sha(data) != meta["sha256"][key]:
-            return None, f"saved index file {meta['files'][key]} is corrupt (sha256 differs from index/meta.json)"
+            return None, f"saved index file {name} is corrupt (sha256 differs from index/meta.json)"
         blobs[key] = data
     try:
-        rows = rows_from_bytes(blobs["rows"])
-        index = index_class.from_bytes(blobs["index"], dim, spec)
+        rows = rows_from_bytes(blobs.pop("rows"))
     except Exception as exc:  # noqa: BLE001 - any unreadable derived file means: rebuild
-        return None, f"saved index unreadable ({type(exc).__name__}: {exc})"
-    if len(rows) != index.ntotal or rows.n_alive != index.n_alive or len(rows) != meta["rows"]:
-        return None, "saved row table and index disagree in size"
+        return None, f"saved row table unreadable ({type(exc).__name__}: {exc})"
+    if len(rows) != meta["rows"]:
+        return None, "saved row table and index/meta.json disagree in size"
     rows.version = int(meta["version"])
+    return (rows, blobs, meta), "loaded"
+
+
+def load(storage, *, spec: str, dim: int, fingerprint: Optional[str], index_class) -> tuple[Optional[Saved], str]:
+    """The saved index if it is whole and describes this memory, else (None, why)."""
+    found, why = load_parts(storage, spec=spec, dim=dim, fingerprint=fingerprint)
+    if found is None:
+        return None, why
+    rows, blobs, meta = found
+    try:
+        index = index_class.from_bytes(blobs["index"], dim, spec)
+    except Exception as exc:  # noqa: BLE001
+        return None, f"saved index unreadable ({type(exc).__name__}: {exc})"
+    if len(rows) != index.ntotal or rows.n_alive != index.n_alive:
+        return None, "saved row table and index disagree in size"
     return Saved(rows, index, int(meta["version"]), list(meta.get("fragments", [])), meta), "loaded"
 
 

@@ -203,7 +203,13 @@ class MemoryState:
         lock only if it is free (after a rebuild on open), else skip.
         """
         st = self.store
-        if not self.saves_index or st.read_only:
+        if st.read_only:
+            return False
+        if not self.saves_index:
+            # A saved index this state does not keep up (another spec, a sharded session) would go
+            # stale, and could hold bytes of records forgotten since: drop it (inside the lock).
+            if not opportunistic and st.storage.exists(index_saved.META):
+                index_saved.remove(st.storage)
             return False
         if not force and self._saved_version == self.rows.version:
             return False
