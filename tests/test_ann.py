@@ -292,3 +292,16 @@ def test_a_compressed_memory_opens_and_classifies_without_loading_its_vectors(tm
         peaks[spec] = (peak - before) / 1024  # ru_maxrss is in KiB on Linux
     assert peaks["Flat"] >= 0.75 * raw_mb, peaks
     assert peaks["IVF64,PQ32np"] < 0.25 * raw_mb, peaks
+
+
+def test_evaluations_default_to_exact_search_and_say_which_index_answered(tmp_path):
+    mem, x, labels = make(tmp_path, "IVF16,Flat", 2000, spread=2.0)
+    q, truth = clustered(200, seed=9, spread=2.0)
+    exact = mem.evaluate(q, truth, ks=[10], votes=["plurality"])
+    approx = mem.evaluate(q, truth, ks=[10], votes=["plurality"], search="index")
+    assert exact.extra["search"].startswith("Flat (exact") and approx.extra["search"] == "IVF16,Flat"
+    flat = vm.create(tmp_path / "flat", encoder=None, dim=D)
+    flat.add_embeddings(x, labels, ids=[f"r{i}" for i in range(2000)])
+    assert flat.evaluate(q, truth, ks=[10], votes=["plurality"]).accuracy == exact.accuracy
+    with pytest.raises(ValueError, match="search must be"):
+        mem.evaluate(q, truth, search="approximate")

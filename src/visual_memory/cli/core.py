@@ -192,6 +192,7 @@ def eval_(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON to this file."),
     per_class: Optional[int] = typer.Option(None, "--per-class", min=1, help="Use only the first N queries of each class."),
     report: Optional[Path] = typer.Option(None, "--report", help="Also run every paper evaluation and write JSON, PNGs and report.html into this folder."),
+    search: str = typer.Option("exact", "--search", help='"exact" (over the stored vectors, as the paper) or "index" (the memory\'s own, maybe approximate).'),
     rerank: Optional[str] = rr.URL,
     rerank_model: Optional[str] = rr.MODEL,
     rerank_n: int = rr.N,
@@ -213,7 +214,8 @@ def eval_(
                                  concurrency=rerank_concurrency, price=rerank_price)
     mem = vm.open(memory)
     vectors, labels, paths = embed_folder(mem.encoder, folder, per_class=per_class, progress="embedding queries")
-    result = mem.evaluate(vectors, labels, ks=ks)
+    result = mem.evaluate(vectors, labels, ks=ks, search=search)
+    say(f"search: {result.extra['search']}")
     print_accuracy(result)
     if reranker is not None:
         from ..rerank import evaluate_rerank

@@ -495,7 +495,9 @@ class Memory:
             At most `visual_memory.index.MAX_K`; clamped to ``len(self)``
             (there are no more neighbours to find).
         params : dict, optional
-            Per-call index parameters (``nprobe``, ``efSearch``); exact search takes none.
+            Per-call index parameters (``nprobe``, ``efSearch``; ``rerank``: candidates
+            per neighbour a compressed index re-ranks with the stored vectors,
+            default 4, 0 = off); exact search takes none.
 
         Returns
         -------
@@ -706,6 +708,7 @@ class Memory:
         ks: Sequence[int] = (1, 10, 20, 50, 100),
         votes: Sequence[str] = voting.VOTES,
         progress: bool | str = False,
+        search: str = "exact",
     ) -> EvalResult:
         """Top-1 accuracy of each vote at each k.
 
@@ -716,7 +719,13 @@ class Memory:
             True labels; taken from the folder when ``queries`` is a folder.
         ks : sequence of int
             A k above the memory's size is scored as k = ``len(self)`` (every record votes).
+        search : {"exact", "index"}, default "exact"
+            Exact search over the stored vectors (what the paper reports), or
+            the memory's own (possibly approximate) index. The result's
+            ``extra["search"]`` says which index answered.
         """
+        if search not in ("exact", "index"):
+            raise ValueError(f"search must be 'exact' or 'index'; got {search!r}")
         if isinstance(queries, (str, os.PathLike)) and Path(queries).is_dir():
             from ..cache import embed_folder
 
@@ -728,7 +737,16 @@ class Memory:
         ks = sorted({check_k(k) for k in ks})
         for v in votes:
             voting.check_vote(v)
-        sims, rows = self.search(queries, k=max(ks), progress=progress)
+        used_index = self._state.index.spec
+        if search == "exact" and not self._state.index.is_exact:
+            from . import indexing
+
+            q = self._query_vectors(queries, progress)
+            self._fresh()
+            sims, rows, _ = indexing.exact_streamed(self._state, q, max(1, min(max(ks), len(self))), progress=progress)
+            used_index = "Flat (exact, over the stored vectors)"
+        else:
+            sims, rows = self.search(queries, k=max(ks), progress=progress)
         if len(labels) != len(rows):
             raise ValueError(f"got {len(rows)} queries but {len(labels)} labels")
         table = self._state.rows
@@ -738,7 +756,7 @@ class Memory:
         used, column = _clamped_ks(ks, rows.shape[1])
         acc = {v: dict(zip(ks, voting.accuracy_every_k(codes, sims, truth, len(table.labels), used, v, rec_w)[column].tolist()))
                for v in votes}
-        return EvalResult(n_queries=len(labels), accuracy=acc, version=self.version)
+        return EvalResult(n_queries=len(labels), accuracy=acc, version=self.version, extra={"search": used_index})
 
 
     # -- editing -------------------------------------------------------------------

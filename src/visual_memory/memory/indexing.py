@@ -116,7 +116,7 @@ def _exact(state: MemoryState, q: np.ndarray, k: int, *, progress) -> tuple[np.n
     # The records in scan order map to rows through their ids.
     st = state.store
     if st.count() * st.dim * 4 > auto.default_budget():
-        return _exact_streamed(state, q, k, progress=progress)
+        return exact_streamed(state, q, k, progress=progress)
     exact = ExactIndex(st.dim)
     row_of = []
     with progress_bar(progress, total=st.count(), unit="records", description="reading vectors for exact search") as bar:
@@ -140,7 +140,7 @@ def _exact_in(exact: ExactIndex, q: np.ndarray, k: int):
     return np.concatenate(out_s), np.concatenate(out_r), times
 
 
-def _exact_streamed(state: MemoryState, q: np.ndarray, k: int, *, progress):
+def exact_streamed(state: MemoryState, q: np.ndarray, k: int, *, progress):
     """Exact top-k reading the records block by block (vectors larger than RAM); one time per query, IO included."""
     st = state.store
     best_s = np.full((len(q), k), -np.inf, np.float32)
