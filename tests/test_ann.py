@@ -255,26 +255,31 @@ def test_cli_index_build_and_check(tmp_path):
 
 
 _RSS = r"""
-import resource, sys
+import sys
 import faiss, lance, numpy as np, pyarrow, visual_memory as vm
 from visual_memory.memory import indexing, state  # everything open imports lazily, loaded before measuring
+
+def rss_kib():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
 x = np.load(sys.argv[2])
 vm.open(sys.argv[3]).classify(x[:1], k=1)  # warm the code paths on a tiny memory
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = rss_kib()
 m = vm.open(sys.argv[1])
 preds = m.classify(x[:20], k=10)
 truth = m.get([f"r{i}" for i in range(20)], columns=["label"])
 ok = sum(p.label == t["label"] for p, t in zip(preds, truth))
-print(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, ok)
+print(before, rss_kib(), ok)
 """
 
 
 def test_a_compressed_memory_opens_and_classifies_without_loading_its_vectors(tmp_path, monkeypatch):
-    # Peak RSS of open + classify, in a fresh process, against the raw vectors' size: the
+    # RSS held after open + classify, in a fresh process, against the raw vectors' size: the
     # exact memory must load them all (the control that shows the check can fail), the
     # IVF-PQ memory only its codes (8 + 32 bytes a record) and the few rows it re-ranks.
     monkeypatch.setattr(state_mod, "TRAIN_SAMPLE", 10_000)
-    n, d = 60_000, 256
+    n, d = 150_000, 256
     x, labels = clustered(n, d=d, clusters=50)
     np.save(tmp_path / "q.npy", x[:20])
     raw_mb = x.nbytes / 2**20
@@ -289,9 +294,9 @@ def test_a_compressed_memory_opens_and_classifies_without_loading_its_vectors(tm
         assert out.returncode == 0, out.stderr[-2000:]
         before, peak, ok = map(int, out.stdout.split()[-3:])
         assert ok >= 18  # it classifies
-        peaks[spec] = (peak - before) / 1024  # ru_maxrss is in KiB on Linux
-    assert peaks["Flat"] >= 0.75 * raw_mb, peaks
-    assert peaks["IVF64,PQ32np"] < 0.25 * raw_mb, peaks
+        peaks[spec] = (peak - before) / 1024
+    assert peaks["Flat"] >= 0.9 * raw_mb, peaks
+    assert peaks["IVF64,PQ32np"] < 0.35 * raw_mb, peaks
 
 
 def test_evaluations_default_to_exact_search_and_say_which_index_answered(tmp_path):
