@@ -57,20 +57,32 @@ class Bf16Copy:
         import torch
 
         t = torch.from_numpy(np.ascontiguousarray(x, np.float32))
-        self.x = t.to(torch.bfloat16)
-        back = self.x.to(torch.float32)
+        self._buf = t.to(torch.bfloat16)
+        self._n = len(t)
+        back = self._buf.to(torch.float32)
         self.err = float(torch.linalg.vector_norm(t - back, dim=1).max()) if len(t) else 0.0
         self.norm = float(torch.linalg.vector_norm(back, dim=1).max()) if len(t) else 0.0
+
+    @property
+    def x(self):
+        """The bf16 rows (a view of a buffer that grows by doubling)."""
+        return self._buf[: self._n]
 
     def append(self, x: np.ndarray) -> None:
         import torch
 
         other = Bf16Copy(x)
-        self.x = torch.cat([self.x, other.x])
+        n = self._n + other._n
+        if n > len(self._buf):  # doubling: a single add costs O(1) amortised, not a copy of the matrix
+            grown = torch.zeros((max(n, 2 * len(self._buf), 1024), self._buf.shape[1]), dtype=torch.bfloat16)
+            grown[: self._n] = self._buf[: self._n]
+            self._buf = grown
+        self._buf[self._n : n] = other._buf
+        self._n = n
         self.err, self.norm = max(self.err, other.err), max(self.norm, other.norm)
 
     def zero(self, rows: np.ndarray) -> None:
-        self.x[np.asarray(rows, np.int64)] = 0
+        self._buf[np.asarray(rows, np.int64)] = 0
 
 
 def bf16_knn(x: np.ndarray, copy: Bf16Copy, queries: np.ndarray, k: int,
