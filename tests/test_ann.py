@@ -310,3 +310,31 @@ def test_evaluations_default_to_exact_search_and_say_which_index_answered(tmp_pa
     assert flat.evaluate(q, truth, ks=[10], votes=["plurality"]).accuracy == exact.accuracy
     with pytest.raises(ValueError, match="search must be"):
         mem.evaluate(q, truth, search="approximate")
+
+
+def test_edits_that_leave_the_index_alone_rewrite_only_the_row_table(tmp_path):
+    mem, x, _ = make(tmp_path, "IVF16,PQ8np", n_for("IVF16,PQ8np"))
+    meta = lambda: json.loads((tmp_path / "m" / "index" / "meta.json").read_text())  # noqa: E731
+    first = meta()["files"]
+    mem.remove(ids=["r1"])
+    mem.relabel(["r2"], "relabelled")
+    after = meta()["files"]
+    assert after["index"] == first["index"] and after["rows"] != first["rows"]  # the codes file was kept
+    back = vm.open(tmp_path / "m")
+    assert back._state.load_note.startswith("loaded the saved index") and len(back) == len(mem)
+    assert back._state.index.n_alive == len(mem) and "r1" not in back
+    assert all(nb.id != "r1" for nb in back.classify(x[1:2], k=5, search_params={"nprobe": 16})[0].neighbors)
+    assert back.get(["r2"], columns=["label"])[0]["label"] == "relabelled"
+    back.forget(ids=["r3"])  # erasure: the codes file itself is rewritten
+    assert meta()["files"]["index"] != first["index"]
+    assert not (tmp_path / "m" / first["index"]).exists()
+
+
+def test_batched_re_ranking_in_chunks_answers_as_one_query_at_a_time(tmp_path, monkeypatch):
+    mem, x, _ = make(tmp_path, "IVF16,PQ8np", n_for("IVF16,PQ8np"))
+    monkeypatch.setattr(state_mod, "RERANK_ROWS", 100)  # 2 queries per chunk at k=10, rerank 4
+    sims, rows = mem.search(x[:25], k=10)
+    for i in (0, 1, 2, 13, 24):
+        s1, r1 = mem.search(x[i : i + 1], k=10)
+        np.testing.assert_array_equal(rows[i], r1[0])
+        np.testing.assert_allclose(sims[i], s1[0], rtol=1e-6)

@@ -300,7 +300,7 @@ class FaissIndex(Index):
 
         n, m = int.from_bytes(blob[:8], "little"), int.from_bytes(blob[8:16], "little")
         alive = np.unpackbits(np.frombuffer(blob[16 : 16 + m], np.uint8), count=n).astype(bool)
-        index = faiss.deserialize_index(np.frombuffer(blob[16 + m :], np.uint8))
+        index = faiss.deserialize_index(np.frombuffer(blob, np.uint8, offset=16 + m))  # no copy of the slice
         if index.d != dim:
             raise ValueError(f"saved index is {index.d}-d, not {dim}-d")
         ix = cls.__new__(cls)

@@ -89,18 +89,33 @@ def rows_from_bytes(data: bytes) -> RowTable:
     )
 
 
-def save(storage, rows: RowTable, index: Index, *, version: int, spec: str, dim: int, fingerprint: Optional[str],
-         fragments: list[int]) -> dict:
-    """Write the row table and the index for ``version``; returns the meta written."""
-    if len(rows) != index.ntotal:
+def save(storage, rows: RowTable, index: Optional[Index], *, version: int, spec: str, dim: int,
+         fingerprint: Optional[str], fragments: list[int], reuse: Optional[dict] = None) -> dict:
+    """Write the row table and the index for ``version``; returns the meta written.
+
+    ``index`` None keeps the index file of ``reuse`` (the meta of the last save): an edit
+    that removed rows, relabelled or reweighted rewrites only the row table, whose
+    ``alive`` column `load` applies to the index (`Index.remove`). Forget never reuses.
+    """
+    if index is not None and len(rows) != index.ntotal:
         raise ValueError(f"row table has {len(rows)} rows but the index {index.ntotal}: not saved")
+    if index is None:
+        if not reuse or reuse.get("rows") != len(rows):
+            raise ValueError("no saved index of this size to keep: save the index itself")
+        kept = {"index": (reuse["files"]["index"], reuse["sha256"]["index"], reuse["bytes"]["index"])}
+        return save_parts(storage, rows, {}, version=version, spec=spec, dim=dim, fingerprint=fingerprint,
+                          fragments=fragments, kept=kept)
     return save_parts(storage, rows, {"index": index.to_bytes()}, version=version, spec=spec, dim=dim,
                       fingerprint=fingerprint, fragments=fragments)
 
 
 def save_parts(storage, rows: RowTable, parts: dict[str, bytes], *, version: int, spec: str, dim: int,
-               fingerprint: Optional[str], fragments: list[int], shards: Optional[int] = None) -> dict:
-    """Write the row table and named index parts (one ``index``, or a sharded memory's shards and map)."""
+               fingerprint: Optional[str], fragments: list[int], shards: Optional[int] = None,
+               kept: Optional[dict[str, tuple[str, str, int]]] = None) -> dict:
+    """Write the row table and named index parts (one ``index``, or a sharded memory's shards and map).
+
+    ``kept``: parts already on storage, reused as they are (``{part: (file, sha256, bytes)}``).
+    """
     tag = secrets.token_hex(4)
     blobs = {"rows": rows_to_bytes(rows), **parts}
     files = {key: f"{PREFIX}{key}-{version}-{tag}.{'arrow' if key == 'rows' else 'bin'}" for key in blobs}
@@ -109,10 +124,13 @@ def save_parts(storage, rows: RowTable, parts: dict[str, bytes], *, version: int
     from ..erasure import crash_point
 
     crash_point("index:files-written")
+    sha = {k: _sha(v) for k, v in blobs.items()}
+    sizes = {k: len(v) for k, v in blobs.items()}
+    for key, (name, digest, size) in (kept or {}).items():
+        files[key], sha[key], sizes[key] = name, digest, size
     meta = {"format": FORMAT, "version": int(version), "spec": spec, "dim": int(dim), "fingerprint": fingerprint,
             "shards": shards, "rows": len(rows), "alive": int(rows.n_alive),
-            "fragments": sorted(int(f) for f in fragments), "files": files,
-            "sha256": {k: _sha(v) for k, v in blobs.items()}, "bytes": {k: len(v) for k, v in blobs.items()}}
+            "fragments": sorted(int(f) for f in fragments), "files": files, "sha256": sha, "bytes": sizes}
     storage.write(META, json.dumps(meta, indent=1).encode())
     keep = set(files.values()) | {META}
     for name, _ in storage.walk():
@@ -167,10 +185,13 @@ def load(storage, *, spec: str, dim: int, fingerprint: Optional[str], index_clas
         return None, why
     rows, blobs, meta = found
     try:
-        index = index_class.from_bytes(blobs["index"], dim, spec)
+        index = index_class.from_bytes(blobs.pop("index"), dim, spec)
     except Exception as exc:  # noqa: BLE001
         return None, f"saved index unreadable ({type(exc).__name__}: {exc})"
-    if len(rows) != index.ntotal or rows.n_alive != index.n_alive:
+    if len(rows) != index.ntotal:
+        return None, "saved row table and index disagree in size"
+    index.remove(np.flatnonzero(~rows.alive))  # rows removed since the index file was written (a kept file)
+    if rows.n_alive != index.n_alive:
         return None, "saved row table and index disagree in size"
     return Saved(rows, index, int(meta["version"]), list(meta.get("fragments", [])), meta), "loaded"
 

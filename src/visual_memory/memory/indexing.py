@@ -82,17 +82,26 @@ def check(state: MemoryState, *, queries: int = 200, k: int = 50, params: Option
     q = state.vectors(take)
     q = q / np.linalg.norm(q, axis=1, keepdims=True)
 
-    times_ix = []
+    exact_one = _exact_searcher(state, progress=progress)
+    times_ix, times_ex = [], []
     got = np.full((len(q), k + 1), -1, np.int64)
     got_s = np.full((len(q), k + 1), -np.inf, np.float32)
-    with progress_bar(progress, total=len(q), unit="queries", description="searching the index") as bar:
-        for i in range(len(q)):
+    exact = np.full((len(q), k + 1), -1, np.int64)
+    exact_s = np.full((len(q), k + 1), -np.inf, np.float32)
+    with progress_bar(progress, total=len(q), unit="queries", description="index vs exact search") as bar:
+        for i in range(len(q)):  # alternating, so a change in the machine's load hits both alike
             t0 = time.perf_counter()
             s, r = state.search(q[i : i + 1], k + 1, params=params)
             times_ix.append(time.perf_counter() - t0)
             got_s[i], got[i] = s[0], r[0]
+            if exact_one is not None:
+                t0 = time.perf_counter()
+                s, r = exact_one(q[i : i + 1], k + 1)
+                times_ex.append(time.perf_counter() - t0)
+                exact_s[i], exact[i] = s[0], r[0]
             bar.advance()
-    exact_s, exact, times_ex = _exact(state, q, k + 1, progress=progress)
+    if exact_one is None:
+        exact_s, exact, times_ex = exact_streamed(state, q, k + 1, progress=progress)
     got_s, got = drop_self(got_s, got, take, k)
     exact_s, exact = drop_self(exact_s, exact, take, k)
     recall = float(np.mean([len(set(a[a >= 0].tolist()) & set(b[b >= 0].tolist())) / max(1, (b >= 0).sum())
@@ -109,14 +118,14 @@ def _labels(state: MemoryState, sims: np.ndarray, nbrs: np.ndarray, vote: str) -
     return tally(codes, contributions(sims, vote, weights), len(state.rows.labels)).winners
 
 
-def _exact(state: MemoryState, q: np.ndarray, k: int, *, progress) -> tuple[np.ndarray, np.ndarray, list[float]]:
-    """Exact top-k over the stored vectors, and single-query times of exact search held in RAM."""
+def _exact_searcher(state: MemoryState, *, progress):
+    """One-query exact search over the stored vectors held in RAM, answering in the state's rows; None if they
+    do not fit (then `exact_streamed`)."""
     if state.index.is_exact:
-        return _exact_in(state.index, q, k)
-    # The records in scan order map to rows through their ids.
+        return state.index.search
     st = state.store
     if st.count() * st.dim * 4 > auto.default_budget():
-        return exact_streamed(state, q, k, progress=progress)
+        return None
     exact = ExactIndex(st.dim)
     row_of = []
     with progress_bar(progress, total=st.count(), unit="records", description="reading vectors for exact search") as bar:
@@ -125,19 +134,12 @@ def _exact(state: MemoryState, q: np.ndarray, k: int, *, progress) -> tuple[np.n
             row_of.extend(state.rows.row(i) for i in batch.column("id").to_pylist())
             bar.advance(batch.num_rows)
     row_of = np.array([-1 if r is None else r for r in row_of], np.int64)
-    s, r, times = _exact_in(exact, q, k)
-    return s, np.where(r >= 0, row_of[np.maximum(r, 0)], -1), times
 
+    def search(q: np.ndarray, k: int):
+        s, r = exact.search(q, k)
+        return s, np.where(r >= 0, row_of[np.maximum(r, 0)], -1)
 
-def _exact_in(exact: ExactIndex, q: np.ndarray, k: int):
-    times, out_s, out_r = [], [], []
-    for i in range(len(q)):
-        t0 = time.perf_counter()
-        s, r = exact.search(q[i : i + 1], k)
-        times.append(time.perf_counter() - t0)
-        out_s.append(s)
-        out_r.append(r)
-    return np.concatenate(out_s), np.concatenate(out_r), times
+    return search
 
 
 def exact_streamed(state: MemoryState, q: np.ndarray, k: int, *, progress):

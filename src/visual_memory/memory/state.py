@@ -39,6 +39,7 @@ AUTO_OPTIMIZE_TOMBSTONES = 0.10  # share of removed rows in the in-RAM index bef
 TRAIN_SAMPLE = 100_000  # vectors drawn at random to train an approximate index (at least its minimum)
 SAVE_AFTER_APPENDS = 0.10  # appended share of rows after which an add saves the index (else open catches up)
 RERANK = 4  # a compressed index fetches RERANK x k candidates, re-ranked with the stored vectors
+RERANK_ROWS = 65_536  # candidate vectors read at once when re-ranking a batch (~100 MB at d=384)
 
 
 class MemoryState:
@@ -54,6 +55,8 @@ class MemoryState:
     def __init__(self, store: Store, *, progress: bool | str | None = None) -> None:
         self.store = store
         self._saved_version: Optional[int] = None
+        self._saved_meta: Optional[dict] = None
+        self._index_dirty = True  # the in-RAM index differs from the saved index file (beyond removals)
         self._appended_since_save = 0
         self.load_note = ""
         self.why_exact: Optional[str] = None
@@ -116,6 +119,7 @@ class MemoryState:
         self.rows, self.index = found.rows, found.index
         self._known_frags = set(found.fragments)
         self._saved_version, self._appended_since_save = found.version, 0
+        self._saved_meta, self._index_dirty = found.meta, False
         if appended:
             scan = st.dataset.scanner(columns=list(INDEX_COLUMNS), with_row_address=True, fragments=appended)
             self._append_batches(scan.to_batches())
@@ -146,6 +150,7 @@ class MemoryState:
         self.rows, self.index, self._known_frags = rows, index, frags
         self.rows.version = st.version
         self._saved_version, self._appended_since_save = None, 0
+        self._saved_meta, self._index_dirty = None, True
         self.load_note = "built from the records"
 
     def _training_sample(self, target: str, *, progress: bool | str | None = None) -> np.ndarray:
@@ -231,9 +236,13 @@ class MemoryState:
     def _write_index(self) -> bool:
         st = self.store
         self.addresses(np.zeros(0, np.int64))  # learn the addresses of fragments written since (compaction)
-        index_saved.save(st.storage, self.rows, self.index, version=self.rows.version, spec=self.index.spec,
-                         dim=st.dim, fingerprint=self._fingerprint(), fragments=sorted(self._known_frags))
-        self._saved_version, self._appended_since_save = self.rows.version, 0
+        keep = (not self._index_dirty and self._saved_meta is not None
+                and self._saved_meta.get("spec") == self.index.spec and self._saved_meta.get("rows") == len(self.rows))
+        self._saved_meta = index_saved.save(
+            st.storage, self.rows, None if keep else self.index, version=self.rows.version, spec=self.index.spec,
+            dim=st.dim, fingerprint=self._fingerprint(), fragments=sorted(self._known_frags),
+            reuse=self._saved_meta if keep else None)
+        self._saved_version, self._appended_since_save, self._index_dirty = self.rows.version, 0, False
         return True
 
     def _only_appends_since_save(self) -> bool:
@@ -244,6 +253,7 @@ class MemoryState:
         self.index.add(vectors)
         self.rows.append(ids, labels, weights, addresses)
         self._appended_since_save += len(ids)
+        self._index_dirty = True
 
     @property
     def version(self) -> int:
@@ -357,7 +367,7 @@ class MemoryState:
         """The index's top-k; a compressed index's candidates re-ranked with the stored vectors.
 
         ``params`` may hold ``rerank`` (candidates per neighbour, default
-        `RERANK`; 0 turns re-ranking off) besides the index's own knobs. With
+        `RERANK`, 2 for SQ8; 0 turns re-ranking off) besides the index's own knobs. With
         re-ranking, similarities are exact and the top-k is exact among the
         ``rerank x k`` candidates.
         """
@@ -366,22 +376,32 @@ class MemoryState:
         if factor is not None and (isinstance(factor, bool) or not isinstance(factor, (int, np.integer)) or factor < 0):
             raise ValueError(f"search parameter rerank must be a non-negative integer; got {factor!r}")
         ix = self.index
-        factor = RERANK if factor is None else int(factor)
-        if not (isinstance(ix, FaissIndex) and ix.compressed) or factor == 0:
+        if not (isinstance(ix, FaissIndex) and ix.compressed):
+            return ix.search(queries, k, params=params or None)
+        # SQ8 codes are near-lossless: 2 x k candidates re-rank to the same recall as 4 x k (bench_ann).
+        factor = (2 if ix.code_size >= ix.dim else RERANK) if factor is None else int(factor)
+        if factor == 0:
             return ix.search(queries, k, params=params or None)
         fetch = max(k, min(k * factor, MAX_K))
-        sims, rows = ix.search(queries, fetch, params=params or None)
-        found = rows >= 0
-        uniq = np.unique(rows[found])
-        vecs = self.vectors(uniq)
-        pos = np.searchsorted(uniq, np.where(found, rows, uniq[0] if len(uniq) else 0))
-        exact = np.full(rows.shape, -np.inf, np.float32)
-        for lo in range(0, len(rows), 256):  # bounded RAM: 256 x fetch x dim floats at a time
-            hi = lo + 256
-            exact[lo:hi] = np.einsum("qd,qkd->qk", queries[lo:hi], vecs[pos[lo:hi]]) if len(uniq) else -np.inf
-        exact[~found] = -np.inf
-        order = np.argsort(-exact, axis=1, kind="stable")[:, :k]
-        return np.take_along_axis(exact, order, axis=1), np.take_along_axis(np.where(found, rows, -1), order, axis=1)
+        out_s = np.full((len(queries), k), -np.inf, np.float32)
+        out_r = np.full((len(queries), k), -1, np.int64)
+        # Chunks of queries bound the candidates' vectors held at once (queries x rerank x k x dim floats).
+        step = max(1, RERANK_ROWS // fetch)
+        for lo in range(0, len(queries), step):
+            q = queries[lo : lo + step]
+            _, rows = ix.search(q, fetch, params=params or None)
+            found = rows >= 0
+            uniq = np.unique(rows[found])
+            if not len(uniq):
+                continue
+            vecs = self.vectors(uniq)
+            pos = np.searchsorted(uniq, np.where(found, rows, uniq[0]))
+            exact = np.einsum("qd,qkd->qk", q, vecs[pos])
+            exact[~found] = -np.inf
+            order = np.argsort(-exact, axis=1, kind="stable")[:, :k]
+            out_s[lo : lo + len(q), : order.shape[1]] = np.take_along_axis(exact, order, axis=1)
+            out_r[lo : lo + len(q), : order.shape[1]] = np.take_along_axis(np.where(found, rows, -1), order, axis=1)
+        return out_s, out_r
 
     def index_codes(self, vectors: Optional[dict]) -> Optional[dict[bytes, str]]:
         """{code bytes: id} a compressed index holds for these stored vectors (forget's extra needles)."""
@@ -445,10 +465,11 @@ class MemoryState:
 
     def remove_rows(self, rows: np.ndarray, *, erase: bool = False) -> None:
         """Drop rows from RAM (after the store deleted them); ``erase`` also overwrites their vectors."""
-        if not erase:
+        if not erase:  # the saved index file stays valid: the row table's alive column removes them on load
             self.index.remove(rows)
             self.rows.remove(rows)
             return
+        self._index_dirty = True
         keep = self.index.erase(rows)
         self.rows.erase(rows)
         if keep is not None:
@@ -457,6 +478,7 @@ class MemoryState:
     def compact_ram(self) -> None:
         """Rebuild the index without removed rows, keeping row order."""
         self.rows.keep(self.index.compact())
+        self._index_dirty = True
 
     def after_mutation(self) -> None:
         """Compact when fragments or tombstones pile up (inside the writer lock)."""
