@@ -405,6 +405,10 @@ def test_sharded_ivf_is_trained_once_and_answers_like_one_process(cluster, tmp_p
     checked = again.check_index(queries=20, k=5, params={"nprobe": 4})
     assert checked["recall_at_k"] == 1.0 and checked["agreement"] == 1.0 and checked["index"] == "IVF4,Flat"
     assert again.check_index(queries=20, k=5, params={"nprobe": 1})["recall_at_k"] < 1.0
+    # `vismem index build` on a sharded memory retrains once and refills fresh shards.
+    built = again.build_index("IVF2,Flat")
+    assert built["resolved"] == "IVF2,Flat" and [s["spec"] for s in again.index["shards"]] == ["IVF2,Flat"] * 2
+    assert again.check_index(queries=20, k=5, params={"nprobe": 2})["recall_at_k"] == 1.0
 
 
 def test_server_serves_a_sharded_memory(cluster, cifar_root, tmp_path, open_sharded):

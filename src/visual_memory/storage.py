@@ -50,6 +50,7 @@ Object storage has no append and no advisory lock, so:
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import errno
 import fcntl
@@ -112,76 +113,78 @@ def open_storage(location, *, storage_options: Optional[dict] = None) -> "Storag
                      + ", ".join(f"{s}://" for s in REMOTE_SCHEMES[:3]))
 
 
-class Storage:
+class Storage(abc.ABC):
     """What `Store` needs of a location. Names are relative, ``/``-separated."""
 
     location: Path | str  # what users see (`Memory.path`)
     remote: bool
     lance_options: Optional[dict]
 
+    @abc.abstractmethod
     def url(self, name: str) -> str:
         """URI (or path) of ``name`` for Lance."""
-        raise NotImplementedError
 
     # Small whole files: manifest, journal.
+    @abc.abstractmethod
     def read(self, name: str) -> Optional[bytes]:
         """Contents of ``name``, or None if it does not exist."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def write(self, name: str, data: bytes) -> None:
         """Replace ``name`` atomically and durably (readers see old or new, never half)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def delete(self, name: str) -> None:
         """Remove ``name`` if present."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def delete_prefix(self, prefix: str) -> int:
         """Remove every file under ``prefix``; returns how many."""
-        raise NotImplementedError
 
     def exists(self, name: str) -> bool:
         return self.read(name) is not None
 
+    @abc.abstractmethod
     def walk(self) -> list[tuple[str, int]]:
         """(name, size) of every file under the location, sorted by name."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def read_chunks(self, name: str, chunk_bytes: int) -> Iterator[bytes]:
-        raise NotImplementedError
+        """The bytes of ``name`` in pieces of at most ``chunk_bytes`` (the erasure scan reads files this way)."""
 
     # Audit log: a sequence of JSON lines.
+    @abc.abstractmethod
     def audit_append(self, line: str) -> None:
-        raise NotImplementedError
+        """Append one entry durably (it is on storage when this returns)."""
 
+    @abc.abstractmethod
     def audit_lines(self) -> list[str]:
         """Complete entries, oldest first (a torn last line is left out)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def audit_rewrite(self, fix: Callable[[str], str]) -> int:
         """Replace each entry by ``fix(entry)``, durably; returns entries changed."""
-        raise NotImplementedError
 
     def audit_repair(self) -> int:
         """Drop a torn trailing entry (a crash mid-append); returns bytes dropped."""
         return 0
 
+    @abc.abstractmethod
     def audit_state(self):
         """A cheap token that changes whenever the log changes."""
-        raise NotImplementedError
 
     # Writer lock.
+    @abc.abstractmethod
     def lock(self, *, timeout: float) -> contextlib.AbstractContextManager:
         """Hold the cross-process writer lock; `MemoryLockedError` (naming the holder) after ``timeout`` s."""
-        raise NotImplementedError
 
     def lock_lost(self) -> Optional[str]:
         """Why the held lock is no longer ours (a lease that expired), else None."""
         return None
 
+    @abc.abstractmethod
     def versioning(self) -> dict:
         """What the location keeps after a delete (for the forget receipt)."""
-        raise NotImplementedError
 
 
 # -- local directory ------------------------------------------------------------------

@@ -24,7 +24,7 @@ where the vote runs, on the driver, so they take effect at once on every shard.
 
 An approximate spec (``"IVF256,PQ48np"``) is trained **once**, on a sample of
 the stored vectors drawn by the driver; every shard starts from a copy of the
-trained, empty index (`Index.to_bytes`) and adds its fragments in parallel.
+trained, empty index (`LocalIndex.to_bytes`) and adds its fragments in parallel.
 It is then saved with the memory like a local index (`visual_memory.index.saved`:
 one part per shard, the row table and the row -> shard map), so the next
 ``open(path, ray=..., shards=N)`` with the same N restores each shard from its
@@ -36,14 +36,13 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 
 from ..errors import ErasureError, VisualMemoryError
-from ..index import Index, make_index, min_train_size
-from ..index.base import check_k, checked, pad_results
+from ..index import Index, index_from_bytes, make_index, min_train_size
+from ..index.base import check_k, checked, merge_topk
 from ..index import saved as index_saved
 from ..memory.state import MemoryState
 from ..rows import RowTable
@@ -66,17 +65,6 @@ def _kill(actors: list) -> None:
             pass
 
 
-def _index_bytes(index: Index) -> bytes:
-    """An index as bytes (what a shard holds)."""
-    return index.to_bytes()
-
-
-def _index_from_bytes(blob: bytes, dim: int, spec: str) -> Index:
-    from ..index import ExactIndex, FaissIndex
-
-    return (ExactIndex if spec == "Flat" else FaissIndex).from_bytes(blob, dim, spec)
-
-
 class Shard:
     """One shard (a Ray actor): an `Index` over some rows, and their Lance row addresses.
 
@@ -88,7 +76,7 @@ class Shard:
                  storage_options: Optional[dict] = None) -> None:
         self.shard, self.uri, self.dim, self.spec = shard, uri, dim, spec
         self.storage_options = storage_options
-        self.index = _index_from_bytes(trained, dim, spec) if trained is not None else make_index(spec, dim)
+        self.index = index_from_bytes(trained, dim, spec) if trained is not None else make_index(spec, dim)
         self.addresses = np.zeros(0, np.uint64)
 
     def where(self) -> dict:
@@ -135,7 +123,7 @@ class Shard:
     def restore(self, data: bytes) -> int:
         """Take back what `dump` gave; returns the rows restored."""
         n = int.from_bytes(data[:8], "little")
-        self.index = _index_from_bytes(data[8 : 8 + n], self.dim, self.spec)
+        self.index = index_from_bytes(data[8 : 8 + n], self.dim, self.spec)
         self.addresses = np.frombuffer(data[8 + n :], np.uint64).copy()
         return self.index.ntotal
 
@@ -153,7 +141,8 @@ class Shard:
         """Erase rows, then look for their vectors' bytes (``needles``, default: as this index holds them)."""
         rows = np.asarray(rows, np.int64)
         if needles is None:
-            needles = [v.tobytes() for v in self.index.vectors(rows)] if self.index.lossless else []
+            held = self.index.vectors(rows)
+            needles = [] if held is None else [v.tobytes() for v in held]
         keep = self.index.erase(rows)
         if keep is not None:
             self.addresses = self.addresses[keep]
@@ -178,7 +167,7 @@ class Shard:
                 cand = np.flatnonzero(m[:, 0] == v[0]) if len(v) == self.dim else []
                 found += bool(len(cand)) and bool((m[cand] == v).all(axis=1).any())
             return {**self.where(), "bytes_scanned": int(m.nbytes), "found": int(found)}
-        blob = _index_bytes(self.index)
+        blob = self.index.to_bytes()
         return {**self.where(), "bytes_scanned": len(blob), "found": sum(1 for n in needles if n in blob)}
 
     def compact(self) -> np.ndarray:
@@ -191,28 +180,6 @@ class Shard:
 
     def stats(self) -> dict:
         return {**self.where(), **self.index.stats()}
-
-
-def merge_topk(sims: list[np.ndarray], rows: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The exact top-k of per-shard top-k lists: similarity descending, ties by row ascending, -1 last.
-
-    Parameters
-    ----------
-    sims, rows : lists of arrays of shape (n, k_s), one pair per shard (rows global; -1 pads)
-
-    Examples
-    --------
-    >>> s, r = merge_topk([np.array([[0.9, 0.5]]), np.array([[0.7, 0.5]])],
-    ...                   [np.array([[4, 0]]), np.array([[2, 1]])], 3)
-    >>> r.tolist(), [round(float(x), 2) for x in s[0]]
-    ([[4, 2, 0]], [0.9, 0.7, 0.5])
-    """
-    s = np.concatenate([np.asarray(x, np.float32) for x in sims], axis=1)
-    r = np.concatenate([np.asarray(x, np.int64) for x in rows], axis=1)
-    s = np.where(r < 0, -np.inf, s).astype(np.float32)
-    tie = np.where(r < 0, np.iinfo(np.int64).max, r)
-    order = np.lexsort((tie, -s), axis=1)[:, :k]
-    return pad_results(np.take_along_axis(s, order, axis=1), np.take_along_axis(r, order, axis=1), k)
 
 
 def plan_chunks(fragments: list[tuple[int, int]], sizes: list[int]) -> list[tuple[int, int, int, int]]:
@@ -440,13 +407,6 @@ class ShardedIndex(Index):
 
         return ray.get([sh.scan.remote(list(needles)) for sh in self.shards])
 
-    def to_bytes(self) -> bytes:
-        raise NotImplementedError("a sharded index lives in its actors; each shard's index is saved by the shard")
-
-    @classmethod
-    def from_bytes(cls, blob: bytes, dim: int, spec: str) -> "ShardedIndex":
-        raise NotImplementedError("open a sharded memory with visual_memory.open(path, ray=..., shards=N)")
-
     def stats(self) -> dict[str, Any]:
         import ray
 
@@ -469,11 +429,8 @@ class ShardedState(MemoryState):
         if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
             raise ValueError(f"shards must be a positive integer; got {shards!r}")
         self.n_shards = shards
-        self.shard_spec = spec or store.manifest.get("index", "Flat")
-        if self.shard_spec == "auto":
-            from ..index.auto import resolve
-
-            self.shard_spec = resolve(store.count(), store.dim, budget=store.manifest.get("index_budget"))
+        self.store = store
+        self.shard_spec = spec or self.target_spec()  # `auto` resolved by the memory's size
         self.train_sample = int(train_sample)
         make_index(self.shard_spec, store.dim)  # validates the spec before any actor starts
         if spec is None and store.count() < min_train_size(self.shard_spec):
@@ -509,12 +466,8 @@ class ShardedState(MemoryState):
         n = self.store.count()
         if n == 0:
             raise VisualMemoryError(f"{self.store.path}: index {self.shard_spec!r} needs training vectors; the memory is empty")
-        take = np.sort(np.random.default_rng(0).choice(n, size=min(n, self.train_sample), replace=False))
-        sample = self.store.dataset.take(take, columns=["vector"]).column("vector")
-        ix.train(vectors_from_column(sample, self.store.dim))
-        return _index_bytes(ix)
-
-    sharded = True
+        ix.train(self._training_sample(self.shard_spec, size=self.train_sample))
+        return ix.to_bytes()
 
     @property
     def saves_index(self) -> bool:
@@ -563,9 +516,8 @@ class ShardedState(MemoryState):
             return False
         rows, blobs, meta = found
         version = int(meta["version"])
-        appended = [] if version == st.version else self._appended_fragments(version)
-        if version > st.version or appended is None:
-            self.load_note = f"saved index is of version {version}, the memory {st.version}"
+        appended = self._appended_since_saved(version)
+        if appended is None:
             return False
         self.index = ShardedIndex(self._start_shards(None), st.dim, self.shard_spec)
         sizes = ray.get([sh.restore.remote(ray.put(blobs[f"shard-{i}"])) for i, sh in enumerate(self.index.shards)])
@@ -586,9 +538,15 @@ class ShardedState(MemoryState):
     def search(self, queries: np.ndarray, k: int, *, params: Optional[dict] = None):
         return self.index.search(queries, k, params=params)
 
+    def _rebuild(self, target: str, *, progress=None) -> None:
+        """`vismem index build` on a sharded memory: train ``target`` once and refill fresh shards."""
+        self.shard_spec = target
+        self.load(use_saved=False, progress=progress)
+
     def load(self, *, use_saved: bool = True, progress=None) -> None:
         st = self.store
         self.close()  # a reload starts fresh actors; free the old ones first
+        self._may_hold_stale_index = True
         if self.shard_spec != "Flat" and use_saved and self._load_saved_shards():
             return
         why = self.load_note

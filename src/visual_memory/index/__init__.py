@@ -10,15 +10,15 @@ trained approximate index is saved beside the records (`saved`).
 
 from __future__ import annotations
 
-from .base import MAX_K, Index, as_queries, check_k
+from .base import MAX_K, Index, LocalIndex, as_queries, check_k
 from .exact import ExactIndex, drop_self, exact_knn, exact_self_knn
 from .auto import AUTO
 from .faiss_ann import FaissIndex, build_faiss, min_train_size
 
 EXACT = "Flat"
 
-__all__ = ["AUTO", "EXACT", "MAX_K", "ExactIndex", "FaissIndex", "Index", "as_queries", "check_k", "drop_self", "exact_knn",
-           "exact_self_knn", "make_index", "min_train_size", "validate_spec"]
+__all__ = ["AUTO", "EXACT", "MAX_K", "ExactIndex", "FaissIndex", "Index", "LocalIndex", "as_queries", "check_k", "drop_self", "exact_knn",
+           "exact_self_knn", "index_from_bytes", "make_index", "min_train_size", "validate_spec"]
 
 
 def validate_spec(spec: str, dim: int) -> str:
@@ -33,9 +33,14 @@ def validate_spec(spec: str, dim: int) -> str:
     return spec
 
 
-def make_index(spec: str, dim: int) -> Index:
+def make_index(spec: str, dim: int) -> LocalIndex:
     """An empty index of this kind for ``dim``-d vectors."""
     spec = validate_spec(spec, dim)
     if spec == AUTO:
         raise ValueError("'auto' is resolved by the memory (visual_memory.index.auto.resolve) before an index is made")
     return ExactIndex(dim, spec) if spec == EXACT else FaissIndex(dim, spec)
+
+
+def index_from_bytes(blob: bytes, dim: int, spec: str) -> LocalIndex:
+    """An index of this spec read back from `LocalIndex.to_bytes`."""
+    return (ExactIndex if spec == EXACT else FaissIndex).from_bytes(blob, dim, spec)

@@ -13,7 +13,7 @@ remove      rows never appear in results again
 erase       remove, and overwrite every in-RAM byte derived from the rows (may compact)
 search      (similarities, rows) of the k nearest live rows; per-call params
 compact     drop removed rows; returns the old position of each kept row
-to_bytes    the whole index as bytes (saved beside the records; from_bytes reads it)
+to_bytes    the whole index as bytes (`LocalIndex`: saved beside the records; from_bytes reads it)
 stats       a small dict for `vismem info`
 ==========  ===============================================================
 """
@@ -170,9 +170,24 @@ class Index(abc.ABC):
     def compact(self) -> np.ndarray:
         """Drop removed rows. Returns the kept rows' old positions (new row i = old row out[i])."""
 
-    def vectors(self, rows: np.ndarray) -> np.ndarray:
-        """The vectors of ``rows`` as added (lossless indexes only)."""
-        raise NotImplementedError(f"index {self.spec!r} does not keep the vectors losslessly; read them from the store")
+    def vectors(self, rows: np.ndarray) -> Optional[np.ndarray]:
+        """The vectors of ``rows`` as added, or None if the index does not keep them (read them from the store)."""
+        return None
+
+    def stats(self) -> dict[str, Any]:
+        return {"spec": self.spec, "dim": self.dim, "ntotal": self.ntotal, "alive": self.n_alive,
+                "exact": self.is_exact, "trained": self.is_trained}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(spec={self.spec!r}, dim={self.dim}, rows={self.ntotal}, alive={self.n_alive})"
+
+
+class LocalIndex(Index):
+    """An `Index` held in this process, so it can be written as bytes and read back.
+
+    (A `visual_memory.distributed.shards.ShardedIndex` lives in Ray actors instead;
+    its state saves it one part per shard.)
+    """
 
     @abc.abstractmethod
     def to_bytes(self) -> bytes:
@@ -198,13 +213,6 @@ class Index(abc.ABC):
         """Read a file written by `save`."""
         return cls.from_bytes(Path(path).read_bytes(), dim, spec)
 
-    def stats(self) -> dict[str, Any]:
-        return {"spec": self.spec, "dim": self.dim, "ntotal": self.ntotal, "alive": self.n_alive,
-                "exact": self.is_exact, "trained": self.is_trained}
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(spec={self.spec!r}, dim={self.dim}, rows={self.ntotal}, alive={self.n_alive})"
-
 
 def pad_results(sims: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Pad (n, k') results to (n, k) with -inf / -1, or cut them to k."""
@@ -213,6 +221,28 @@ def pad_results(sims: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray,
         sims = np.pad(sims, ((0, 0), (0, pad)), constant_values=-np.inf)
         rows = np.pad(rows, ((0, 0), (0, pad)), constant_values=-1)
     return sims[:, :k], rows[:, :k]
+
+
+def merge_topk(sims: list[np.ndarray], rows: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The exact top-k of per-shard top-k lists: similarity descending, ties by row ascending, -1 last.
+
+    Parameters
+    ----------
+    sims, rows : lists of arrays of shape (n, k_s), one pair per shard (rows global; -1 pads)
+
+    Examples
+    --------
+    >>> s, r = merge_topk([np.array([[0.9, 0.5]]), np.array([[0.7, 0.5]])],
+    ...                   [np.array([[4, 0]]), np.array([[2, 1]])], 3)
+    >>> r.tolist(), [round(float(x), 2) for x in s[0]]
+    ([[4, 2, 0]], [0.9, 0.7, 0.5])
+    """
+    s = np.concatenate([np.asarray(x, np.float32) for x in sims], axis=1)
+    r = np.concatenate([np.asarray(x, np.int64) for x in rows], axis=1)
+    s = np.where(r < 0, -np.inf, s).astype(np.float32)
+    tie = np.where(r < 0, np.iinfo(np.int64).max, r)
+    order = np.lexsort((tie, -s), axis=1)[:, :k]
+    return pad_results(np.take_along_axis(s, order, axis=1), np.take_along_axis(r, order, axis=1), k)
 
 
 def drop_dead(sims: np.ndarray, rows: np.ndarray, alive: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -27,7 +27,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from ..progress import progress_bar
-from .base import Index, check_k, checked, drop_dead, pad_results
+from .base import LocalIndex, check_k, checked, drop_dead, pad_results
 
 BATCH = 4096  # queries per search call: bounds the (batch x n) similarity block
 BLAS_MIN_QUERIES = int(os.environ.get("VISMEM_BLAS_MIN_QUERIES", 8))  # measured: benchmarks/bench_search.py
@@ -287,7 +287,7 @@ def exact_self_knn(
     return sims, nbrs
 
 
-class ExactIndex(Index):
+class ExactIndex(LocalIndex):
     """Exact search over a float32 matrix that grows by doubling (cheap single adds).
 
     Examples

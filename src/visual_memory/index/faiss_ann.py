@@ -18,7 +18,7 @@ from typing import Optional
 
 import numpy as np
 
-from .base import Index, check_k, checked, drop_dead, pad_results
+from .base import LocalIndex, check_k, checked, drop_dead, pad_results
 
 
 def build_faiss(spec: str, dim: int):
@@ -74,7 +74,7 @@ def _codes_view(invlists, lst: int) -> np.ndarray:
     return faiss.rev_swig_ptr(invlists.get_codes(lst), n * invlists.code_size) if n else np.zeros(0, np.uint8)
 
 
-class FaissIndex(Index):
+class FaissIndex(LocalIndex):
     """A FAISS factory index whose FAISS ids are the memory's row numbers.
 
     Parameters

@@ -37,7 +37,7 @@ import pyarrow as pa
 
 from ..rows import RowTable
 from ..store import SAVED_INDEX
-from .base import Index
+from .base import LocalIndex
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ FORMAT = 1
 @dataclass
 class Saved:
     rows: RowTable
-    index: Index
+    index: LocalIndex
     version: int
     fragments: list[int]
     meta: dict
@@ -89,7 +89,7 @@ def rows_from_bytes(data: bytes) -> RowTable:
     )
 
 
-def save(storage, rows: RowTable, index: Optional[Index], *, version: int, spec: str, dim: int,
+def save(storage, rows: RowTable, index: Optional[LocalIndex], *, version: int, spec: str, dim: int,
          fingerprint: Optional[str], fragments: list[int], reuse: Optional[dict] = None) -> dict:
     """Write the row table and the index for ``version``; returns the meta written.
 

@@ -16,6 +16,7 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from ..index import EXACT, ExactIndex, drop_self, exact_knn, validate_spec
+from ..index.base import merge_topk
 from ..index import auto
 from ..index import saved as index_saved
 from ..index.auto import AUTO
@@ -33,8 +34,6 @@ def build(state: MemoryState, index: Optional[str] = None, *, budget: Union[str,
     Returns {"spec", "resolved", "records", "seconds", "exact_until"}.
     """
     budget = auto.parse_bytes(budget)
-    if getattr(state, "sharded", False):
-        raise NotImplementedError("build the index of a sharded memory by reopening it with shards=N")
     with state.writing(timeout=lock_timeout):
         st = state.store
         spec = state.spec if index is None else (index.strip() if isinstance(index, str) else index)
@@ -48,8 +47,7 @@ def build(state: MemoryState, index: Optional[str] = None, *, budget: Union[str,
         t0 = time.perf_counter()
         state._rebuild(EXACT if exact_until else target, progress=progress if progress is not None else True)
         seconds = time.perf_counter() - t0
-        state.why_exact = (f"{n} records; {target!r} trains from {exact_until}, exact search until then"
-                           if exact_until else None)
+        state.waiting_to_train = bool(exact_until)
         manifest = dict(st.manifest, index=spec)
         manifest.pop("index_budget", None)
         if budget is not None:
@@ -154,10 +152,7 @@ def exact_streamed(state: MemoryState, q: np.ndarray, k: int, *, progress):
             ids = batch.column("id").to_pylist()
             rows = np.array([-1 if (x := state.rows.row(ids[j])) is None else x for j in r.ravel().tolist()],
                             np.int64).reshape(r.shape)
-            both_s = np.concatenate([best_s, s], axis=1)
-            both_r = np.concatenate([best_r, rows], axis=1)
-            order = np.argsort(-both_s, axis=1, kind="stable")[:, :k]
-            best_s, best_r = np.take_along_axis(both_s, order, axis=1), np.take_along_axis(both_r, order, axis=1)
+            best_s, best_r = merge_topk([best_s, s], [best_r, rows], k)
             bar.advance(batch.num_rows)
     per_query = (time.perf_counter() - t0) / max(1, len(q))
     return best_s, best_r, [per_query]

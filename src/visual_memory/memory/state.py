@@ -56,10 +56,12 @@ class MemoryState:
         self.store = store
         self._saved_version: Optional[int] = None
         self._saved_meta: Optional[dict] = None
+        self.waiting_to_train = False  # exact search stands in for an index that cannot train yet
+        self._appends_checked = 0  # versions up to this one were checked to be appends (`_only_appends_since_save`)
+        self._may_hold_stale_index = True  # a saved index this state does not keep may be on storage
         self._index_dirty = True  # the in-RAM index differs from the saved index file (beyond removals)
         self._appended_since_save = 0
         self.load_note = ""
-        self.why_exact: Optional[str] = None
         self.load(progress=progress)
 
     # -- loading -------------------------------------------------------------------------
@@ -69,13 +71,12 @@ class MemoryState:
         """The index the manifest asks for (``"Flat"``, a factory string, or ``"auto"``)."""
         return self.store.manifest.get("index", EXACT)
 
-    def target_spec(self, n: Optional[int] = None) -> str:
+    def target_spec(self) -> str:
         """The factory string this memory should search with now (``auto`` resolved by its size)."""
         spec = self.spec
         if spec != AUTO:
             return spec
-        budget = self.store.manifest.get("index_budget")
-        return auto.resolve(self.store.count() if n is None else n, self.store.dim, budget=budget)
+        return auto.resolve(self.store.count(), self.store.dim, budget=self.store.manifest.get("index_budget"))
 
     def load(self, *, use_saved: bool = True, progress: bool | str | None = None) -> None:
         """(Re)build the row table and the index from the store, or load the saved index.
@@ -86,12 +87,11 @@ class MemoryState:
         it; the result is saved beside the records (`visual_memory.index.saved`).
         """
         st = self.store
+        self._may_hold_stale_index = True
         target = self.target_spec()
-        self.why_exact = None
-        if target != EXACT and st.count() < min_train_size(target):
-            self.why_exact = (f"{st.count()} records; {target!r} trains from {min_train_size(target)}, "
-                              "exact search until then")
-            target = EXACT
+        self.waiting_to_train = target != EXACT and st.count() < min_train_size(target)
+        if self.waiting_to_train:
+            target = EXACT  # until there are enough records to train it (`index_note` says so)
         if target == EXACT:
             self._rebuild(EXACT, progress=progress)
             return
@@ -111,10 +111,8 @@ class MemoryState:
                 log.warning("%s: %s; rebuilding the index from the records", st.path, why)
             self.load_note = why
             return False
-        appended = [] if found.version == st.version else self._appended_fragments(found.version)
-        if found.version > st.version or appended is None:
-            self.load_note = f"saved index is of version {found.version}, the memory {st.version}"
-            log.info("%s: %s (not only appends since); rebuilding", st.path, self.load_note)
+        appended = self._appended_since_saved(found.version)
+        if appended is None:
             return False
         self.rows, self.index = found.rows, found.index
         self._known_frags = set(found.fragments)
@@ -128,6 +126,16 @@ class MemoryState:
         self.load_note = f"loaded the saved index of version {found.version}" + (
             f" and {len(appended)} appended fragment(s)" if appended else "")
         return True
+
+    def _appended_since_saved(self, version: int) -> Optional[list]:
+        """Fragments appended since a saved index of ``version`` ([] if none); None if it cannot catch up."""
+        st = self.store
+        appended = [] if version == st.version else self._appended_fragments(version)
+        if version > st.version or appended is None:
+            self.load_note = f"saved index is of version {version}, the memory {st.version}"
+            log.info("%s: %s (not only appends since); rebuilding", st.path, self.load_note)
+            return None
+        return appended
 
     def _rebuild(self, target: str, *, progress: bool | str | None = None) -> None:
         """Row table and index from a scan of the records (training ``target`` on a sample first)."""
@@ -153,10 +161,11 @@ class MemoryState:
         self._saved_meta, self._index_dirty = None, True
         self.load_note = "built from the records"
 
-    def _training_sample(self, target: str, *, progress: bool | str | None = None) -> np.ndarray:
+    def _training_sample(self, target: str, *, size: int = 0, progress: bool | str | None = None) -> np.ndarray:
+        """A random sample of the stored vectors: ``size`` (default `TRAIN_SAMPLE`), at least what ``target`` needs."""
         st = self.store
         n = st.count()
-        size = min(n, max(min_train_size(target), TRAIN_SAMPLE))
+        size = min(n, max(min_train_size(target), size or TRAIN_SAMPLE))
         take = np.sort(np.random.default_rng(0).choice(n, size=size, replace=False))
         out = np.empty((size, st.dim), np.float32)
         with progress_bar(progress, total=size, unit="vectors", description="sampling to train the index") as bar:
@@ -213,8 +222,10 @@ class MemoryState:
         if not self.saves_index:
             # A saved index this state does not keep up (another spec, a sharded session) would go
             # stale, and could hold bytes of records forgotten since: drop it (inside the lock).
-            if not opportunistic and st.storage.exists(index_saved.META):
-                index_saved.remove(st.storage)
+            if not opportunistic and self._may_hold_stale_index:
+                if st.storage.exists(index_saved.META):
+                    index_saved.remove(st.storage)
+                self._may_hold_stale_index = False  # checked once per load, not at every edit
             return False
         if not force and self._saved_version == self.rows.version:
             return False
@@ -246,7 +257,19 @@ class MemoryState:
         return True
 
     def _only_appends_since_save(self) -> bool:
-        return self._saved_version is not None and self._appended_fragments(self._saved_version) is not None
+        """True if every commit since the last save appended (each version's transaction is read once)."""
+        if self._saved_version is None:
+            return False
+        ds = self.store.dataset
+        try:
+            for v in range(max(self._saved_version, self._appends_checked) + 1, ds.version + 1):
+                txn = ds.read_transaction(v)
+                if txn is None or type(txn.operation).__name__ != "Append":
+                    return False
+        except Exception:  # noqa: BLE001 - a version erased meanwhile: not provably appends only
+            return False
+        self._appends_checked = ds.version
+        return True
 
     def append_rows(self, ids, labels, weights, vectors, addresses=None) -> None:
         """Rows already committed to the store, into the row table and the index."""
@@ -337,8 +360,9 @@ class MemoryState:
     def vectors(self, rows: np.ndarray) -> np.ndarray:
         """The stored vectors of these rows (float32 (n, dim)): from a lossless index, else from the store."""
         rows = np.asarray(rows, np.int64)
-        if self.index.lossless:
-            return np.array(self.index.vectors(rows))
+        held = self.index.vectors(rows)
+        if held is not None:
+            return np.array(held)
         out = np.zeros((len(rows), self.store.dim), np.float32)
         if not len(rows):
             return out
@@ -483,7 +507,7 @@ class MemoryState:
     def after_mutation(self) -> None:
         """Compact when fragments or tombstones pile up (inside the writer lock)."""
         st = self.store
-        if self.why_exact is not None:
+        if self.waiting_to_train:
             self._train_if_grown()
         too_many_fragments = sum(1 for rows in st.fragment_sizes() if rows < AUTO_MERGE_ROWS) > AUTO_OPTIMIZE_FRAGMENTS
         too_many_tombstones = self.index.n_dead > AUTO_OPTIMIZE_TOMBSTONES * max(1, self.index.ntotal)
@@ -503,7 +527,7 @@ class MemoryState:
             log.exception("%s: training index %r failed; search stays exact (retry: vismem index build)",
                           self.store.path, target)
             return
-        self.why_exact = None
+        self.waiting_to_train = False
         self.store.audit("index", action="trained", spec=target, records=len(self.rows))
 
     def optimize_locked(self, *, cleanup_older_than: Optional[timedelta], auto: bool) -> OptimizeResult:
